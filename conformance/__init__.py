@@ -1,0 +1,1 @@
+"""diffkv conformance suite: point it at any DiffKV backend class."""
