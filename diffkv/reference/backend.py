@@ -38,7 +38,7 @@ class ReferenceBackend(DiffKVBackend):
     """Plain PyTorch; runs anywhere torch runs. Every feature, fp16/bf16/fp32
     (and fp64, for oracle checks)."""
 
-    name = "DIFFKV_REFERENCE"
+    name = "REFERENCE_DIFFKV"
     capabilities = BackendCapabilities(
         dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
         features=frozenset(Feature.ALL) - {Feature.CUDA_GRAPH},
