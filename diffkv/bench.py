@@ -1,0 +1,399 @@
+"""``diffkv bench``: named scenarios against ceilings measured in the same run.
+
+For every scenario it prints the time (median and p20-p80 spread), the
+achieved GB/s over the minimal bytes (each needed KV byte once + q + out),
+the achieved TFLOP/s over the causal FLOPs actually needed, both as
+fractions of the ceilings measured in the same run (device copy bandwidth;
+dense bf16 matmul), and a plain-PyTorch baseline (gather + SDPA) for sanity.
+It writes JSON and a PNG plot. The GPU is named in every output.
+
+Scenario syntax for custom shapes (``--seqs``): comma-separated groups
+``N x Q @ CTX`` -- N sequences of Q new tokens after CTX cached ones, e.g.
+``1x2048@2048,62x1@4096``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from diffkv.backends import load_backend
+from diffkv.metadata import CommonAttentionMetadata, KVCacheSpec
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    seqs: tuple[tuple[int, int, int], ...]  # (count, q_len, context_len)
+    kind: str  # "decode" | "prefill" | "mixed"
+    num_heads: int = 32
+    num_kv_heads: int = 4
+    head_size: int = 192
+    head_size_v: int = 128
+    block_size: int = 16
+    dtype: str = "bfloat16"
+    sliding_window: int | None = None
+    sinks: bool = False
+    softcap: float | None = None
+    alibi: str | None = None
+    parts: tuple[str, ...] = ()  # names of scenarios whose sum this one must beat
+    note: str = ""
+
+    def seq_list(self) -> list[tuple[int, int]]:
+        return [(q, c) for n, q, c in self.seqs for _ in range(n)]
+
+
+def _spec_scenarios() -> list[Scenario]:
+    """SPEC section 8 (H100, bf16, Dqk=192, Dv=128, H=32, Hkv=4, block 16)."""
+    return [
+        Scenario("decode_b1_32k", ((1, 1, 32767),), "decode"),
+        Scenario("decode_b16_8k", ((16, 1, 8191),), "decode"),
+        Scenario("decode_b64_4k", ((64, 1, 4095),), "decode"),
+        Scenario("decode_b256_2k", ((256, 1, 2047),), "decode"),
+        Scenario("decode_b64_8k_win128_sinks", ((64, 1, 8191),), "decode", num_kv_heads=8, sliding_window=128,
+                 sinks=True, note="Hkv=8; bytes of the window only"),
+        Scenario("prefill_1x8k", ((1, 8192, 0),), "prefill"),
+        Scenario("prefill_4x2k", ((4, 2048, 0),), "prefill"),
+        Scenario("mixed.prefill_part", ((1, 2048, 2048),), "prefill", note="2k chunk on 2k context"),
+        Scenario("mixed.decode_part", ((62, 1, 4095),), "decode", note="62 decodes at 4k"),
+        Scenario("mixed_2kchunk_62dec", ((1, 2048, 2048), (62, 1, 4095)), "mixed",
+                 parts=("mixed.prefill_part", "mixed.decode_part")),
+    ]
+
+
+SCENARIOS = {s.name: s for s in _spec_scenarios()}
+
+# vLLM Triton DiffKV and best-peer figures from SPEC section 8 (H100), as fractions of their run's ceilings
+PEERS = {
+    "decode_b1_32k": {"vLLM Triton DiffKV": 0.13, "best peer (cuDNN)": 0.57},
+    "decode_b16_8k": {"vLLM Triton DiffKV": 0.59, "best peer (cuDNN)": 0.83},
+    "decode_b64_4k": {"vLLM Triton DiffKV": 0.72, "best peer (cuDNN)": 0.90},
+    "decode_b256_2k": {"vLLM Triton DiffKV": 0.93, "best peer (Flex)": 0.98},
+    "prefill_1x8k": {"vLLM Triton DiffKV": 0.09, "best peer (cuDNN dense)": 0.82},
+    "prefill_4x2k": {"vLLM Triton DiffKV": 0.09, "best peer (cuDNN dense)": 0.60},
+}
+TARGETS = {"decode": 0.90, "prefill": 0.75}
+
+
+def parse_seqs(text: str) -> tuple[tuple[int, int, int], ...]:
+    groups = []
+    for part in text.split(","):
+        part = part.strip().replace(" ", "")
+        try:
+            count, rest = part.split("x", 1)
+            q, ctx = rest.split("@", 1)
+            groups.append((int(count), int(q), int(ctx)))
+        except ValueError:
+            raise SystemExit(f"--seqs: cannot parse {part!r}; expected N x Q @ CTX, e.g. 62x1@4096") from None
+    return tuple(groups)
+
+
+# -- workload accounting ------------------------------------------------------
+def needed_keys(q_len: int, context_len: int, window: int | None) -> tuple[int, int]:
+    """(distinct keys read, allowed (query, key) pairs) of one sequence."""
+    seq_len = q_len + context_len
+    if q_len == 0:
+        return 0, 0
+    first_pos = context_len
+    lo = 0 if window is None else max(0, first_pos - window + 1)
+    keys = seq_len - lo
+    pairs = 0
+    # row i at position p = context_len + i sees keys max(0, p-W+1) .. p
+    if window is None:
+        pairs = q_len * context_len + q_len * (q_len + 1) // 2
+    else:
+        for i in range(q_len):
+            p = context_len + i
+            pairs += p - max(0, p - window + 1) + 1
+    return keys, pairs
+
+
+def workload(s: Scenario) -> tuple[int, float]:
+    """(minimal bytes, causal FLOPs actually needed)."""
+    elt = torch.tensor([], dtype=getattr(torch, s.dtype)).element_size()
+    total_bytes = 0
+    flops = 0.0
+    for q, c in s.seq_list():
+        keys, pairs = needed_keys(q, c, s.sliding_window)
+        total_bytes += keys * s.num_kv_heads * (s.head_size + s.head_size_v) * elt
+        total_bytes += q * s.num_heads * (s.head_size + s.head_size_v) * elt  # q in, out
+        flops += 2.0 * pairs * s.num_heads * (s.head_size + s.head_size_v)
+    return total_bytes, flops
+
+
+# -- timing -----------------------------------------------------------------
+def time_fn(fn, reps_ms: int = 200) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms, device-event timed, L2 flushed between runs."""
+    import triton.testing as tt
+
+    q = tt.do_bench(fn, warmup=25, rep=reps_ms, quantiles=[0.5, 0.2, 0.8], return_mode="median")
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    n = 1 << 29  # 1 GiB of bytes
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms, _, _ = time_fn(lambda: dst.copy_(src))
+    copy_gbs = 2 * n / (ms * 1e-3) / 1e9
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    ms_mm, _, _ = time_fn(lambda: a @ b)
+    tflops = 2 * m**3 / (ms_mm * 1e-3) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": tflops}
+
+
+# -- batch construction on the device ------------------------------------------
+@dataclass
+class DeviceBatch:
+    query: torch.Tensor
+    kv_cache: torch.Tensor
+    common: CommonAttentionMetadata
+    out: torch.Tensor
+    sinks: torch.Tensor | None
+    alibi: torch.Tensor | None
+    extra: dict = field(default_factory=dict)
+
+
+def build_batch(s: Scenario, device: torch.device, seed: int = 0) -> DeviceBatch:
+    g = torch.Generator(device=device).manual_seed(seed)
+    dt = getattr(torch, s.dtype)
+    seqs = s.seq_list()
+    BS = s.block_size
+    nblocks = [math.ceil((q + c) / BS) for q, c in seqs]
+    total_blocks = sum(nblocks) + 1
+    max_blocks = max(nblocks)
+    kv = torch.randn(total_blocks, BS, s.num_kv_heads, s.head_size + s.head_size_v, device=device, dtype=dt,
+                     generator=g)
+    perm = torch.randperm(total_blocks, device=device, generator=g).to(torch.int32)
+    table = torch.zeros(len(seqs), max_blocks, dtype=torch.int32, device=device)
+    off = 0
+    for i, nb in enumerate(nblocks):
+        table[i, :nb] = perm[off: off + nb]
+        off += nb
+    T = sum(q for q, _ in seqs)
+    query = torch.randn(T, s.num_heads, s.head_size, device=device, dtype=dt, generator=g)
+    out = torch.empty(T, s.num_heads, s.head_size_v, device=device, dtype=dt)
+    common = CommonAttentionMetadata.from_seq_lens([q for q, _ in seqs], [q + c for q, c in seqs], table,
+                                                   device=device)
+    sinks = torch.randn(s.num_heads, device=device, generator=g) if s.sinks else None
+    alibi = None
+    if s.alibi:
+        from diffkv.testing.batches import alibi_slopes_for
+
+        alibi = alibi_slopes_for(s.num_heads).to(device)
+    return DeviceBatch(query, kv, common, out, sinks, alibi)
+
+
+def run_backend(s: Scenario, b: DeviceBatch, backend: str):
+    """A zero-argument callable running one forward through the class API."""
+    cls = load_backend(backend)
+    impl = cls.get_impl_cls()(
+        num_heads=s.num_heads, head_size=s.head_size, scale=s.head_size**-0.5, num_kv_heads=s.num_kv_heads,
+        alibi_slopes=b.alibi, sliding_window=s.sliding_window, logits_soft_cap=s.softcap, sinks=b.sinks,
+        use_alibi_sqrt=s.alibi == "sqrt", head_size_v=s.head_size_v,
+    )
+    spec = KVCacheSpec(block_size=s.block_size, num_kv_heads=s.num_kv_heads, num_heads=s.num_heads,
+                       head_size=s.head_size, head_size_v=s.head_size_v, dtype=getattr(torch, s.dtype),
+                       max_num_seqs=max(256, b.common.num_reqs), max_num_batched_tokens=max(8192, b.query.shape[0]))
+    builder = cls.get_builder_cls()(spec, b.query.device, num_blocks=b.kv_cache.shape[0])
+    md = builder.build(0, b.common)
+    return lambda: impl.forward(None, b.query, None, None, b.kv_cache, md, b.out)
+
+
+def torch_baseline(s: Scenario, b: DeviceBatch):
+    """Plain PyTorch: gather pages into dense K/V, then SDPA (uniform batches only)."""
+    import torch.nn.functional as F
+
+    seqs = s.seq_list()
+    if len({x for x in seqs}) != 1 or s.sinks or s.alibi or s.softcap:
+        return None
+    q_len, ctx = seqs[0]
+    if q_len > 1 and ctx > 0:
+        return None
+    B, n = len(seqs), q_len + ctx
+    nb = math.ceil(n / s.block_size)
+    table = b.common.block_table_tensor[:, :nb].long()
+    Dqk = s.head_size
+    window = s.sliding_window
+
+    def fn():
+        kv = b.kv_cache[table].reshape(B, nb * s.block_size, s.num_kv_heads, -1)[:, :n]
+        lo = 0 if window is None or q_len > 1 else max(0, n - window)
+        k = kv[:, lo:, :, :Dqk].transpose(1, 2)
+        v = kv[:, lo:, :, Dqk:].transpose(1, 2)
+        q = b.query.view(B, q_len, s.num_heads, Dqk).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, scale=Dqk**-0.5, enable_gqa=True)
+
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - a baseline that cannot run is reported as n/a
+        return None
+    return fn
+
+
+# -- reporting --------------------------------------------------------------------
+def _progress(i: int, n: int, name: str) -> None:
+    bar = "#" * (20 * i // n) + "." * (20 - 20 * i // n)
+    print(f"[{bar}] {i}/{n} {name}", file=sys.stderr, flush=True)
+
+
+def run(scenarios: list[Scenario], backend: str, device: torch.device, with_baseline: bool = True) -> dict:
+    gpu = torch.cuda.get_device_name(device)
+    print(f"diffkv bench on {gpu} (torch {torch.__version__}, backend {backend})", flush=True)
+    print("measuring ceilings ...", file=sys.stderr, flush=True)
+    ceil = measure_ceilings(device)
+    print(f"ceilings on {gpu}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']:.0f} "
+          "TFLOP/s", flush=True)
+    results = []
+    for i, s in enumerate(scenarios):
+        _progress(i, len(scenarios), s.name)
+        b = build_batch(s, device)
+        fn = run_backend(s, b, backend)
+        fn()
+        torch.cuda.synchronize(device)
+        med, p20, p80 = time_fn(fn)
+        base = torch_baseline(s, b) if with_baseline else None
+        base_ms = time_fn(base)[0] if base is not None else None
+        nbytes, flops = workload(s)
+        r = {
+            "scenario": s.name, "kind": s.kind, "note": s.note, "config": asdict(s),
+            "ms_median": med, "ms_p20": p20, "ms_p80": p80,
+            "bytes": nbytes, "flops": flops,
+            "GBps": nbytes / (med * 1e-3) / 1e9, "TFLOPs": flops / (med * 1e-3) / 1e12,
+            "torch_baseline_ms": base_ms,
+        }
+        r["frac_copy"] = r["GBps"] / ceil["copy_GBps"]
+        r["frac_matmul"] = r["TFLOPs"] / ceil["bf16_matmul_TFLOPs"]
+        results.append(r)
+        del b, fn, base
+        torch.cuda.empty_cache()
+    _progress(len(scenarios), len(scenarios), "done")
+    by_name = {r["scenario"]: r for r in results}
+    for r in results:
+        parts = SCENARIOS.get(r["scenario"], Scenario("", (), "")).parts
+        if parts and all(p in by_name for p in parts):
+            r["parts_ms"] = sum(by_name[p]["ms_median"] for p in parts)
+    return {"gpu": gpu, "torch": torch.__version__, "backend": backend, "host": platform.node(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "ceilings": ceil, "results": results}
+
+
+def verdict(r: dict) -> str:
+    if r["kind"] == "decode":
+        t = TARGETS["decode"]
+        return f"{'MET' if r['frac_copy'] >= t else 'miss'} (>= {t:.0%} copy)"
+    if r["kind"] == "prefill" and not r["scenario"].startswith("mixed."):
+        t = TARGETS["prefill"]
+        return f"{'MET' if r['frac_matmul'] >= t else 'miss'} (>= {t:.0%} matmul)"
+    if "parts_ms" in r:
+        return f"{'MET' if r['ms_median'] <= r['parts_ms'] else 'miss'} (<= parts {r['parts_ms']:.3f} ms)"
+    return ""
+
+
+def print_table(report: dict) -> None:
+    c = report["ceilings"]
+    print(f"\n{report['gpu']}: copy ceiling {c['copy_GBps']:.0f} GB/s, bf16 matmul ceiling "
+          f"{c['bf16_matmul_TFLOPs']:.0f} TFLOP/s, backend {report['backend']}")
+    hdr = f"{'scenario':<28} {'median ms':>9} {'p20-p80':>15} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>8} " \
+          f"{'%mm':>5} {'torch ms':>9}  target"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in report["results"]:
+        base = f"{r['torch_baseline_ms']:.3f}" if r["torch_baseline_ms"] is not None else "n/a"
+        print(f"{r['scenario']:<28} {r['ms_median']:>9.4f} {r['ms_p20']:>7.4f}-{r['ms_p80']:<7.4f} "
+              f"{r['GBps']:>7.0f} {r['frac_copy']:>6.1%} {r['TFLOPs']:>8.1f} {r['frac_matmul']:>5.1%} {base:>9}  "
+              f"{verdict(r)}")
+
+
+def plot(report: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install 'diffkv[plot]')", file=sys.stderr)
+        return False
+    rs = [r for r in report["results"] if r["kind"] in ("decode", "prefill")]
+    names = [r["scenario"] for r in rs]
+    vals = [r["frac_copy"] if r["kind"] == "decode" else r["frac_matmul"] for r in rs]
+    colors = ["tab:blue" if r["kind"] == "decode" else "tab:orange" for r in rs]
+    fig, ax = plt.subplots(figsize=(11, 5))
+    ax.bar(range(len(rs)), vals, color=colors)
+    for i, r in enumerate(rs):
+        t = TARGETS.get(r["kind"]) if not r["scenario"].startswith("mixed.") else None
+        if t and not r["scenario"].startswith("decode_b64_8k_win"):
+            ax.hlines(t, i - 0.4, i + 0.4, colors="red", linestyles="--")
+        for j, (peer, v) in enumerate(PEERS.get(r["scenario"], {}).items()):
+            ax.plot(i, v, marker="_x"[j % 2], color="black", markersize=12)
+        ax.text(i, vals[i] + 0.01, f"{vals[i]:.0%}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(rs)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("fraction of ceiling (decode: copy BW, prefill: bf16 matmul)")
+    c = report["ceilings"]
+    ax.set_title(f"diffkv on {report['gpu']} -- copy {c['copy_GBps']:.0f} GB/s, matmul "
+                 f"{c['bf16_matmul_TFLOPs']:.0f} TFLOP/s (red dashes: targets; marks: SPEC peers)", fontsize=9)
+    ax.set_ylim(0, 1.1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenarios", nargs="*", help=f"named scenarios (default: all): {', '.join(SCENARIOS)}")
+    p.add_argument("--backend", default="triton")
+    p.add_argument("--seqs", help="custom scenario: N x Q @ CTX groups, e.g. 1x2048@2048,62x1@4096")
+    p.add_argument("--heads", default="32/4", help="H/Hkv of the custom scenario")
+    p.add_argument("--head-sizes", default="192/128", help="Dqk/Dv of the custom scenario")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--sinks", action="store_true")
+    p.add_argument("--softcap", type=float, default=None)
+    p.add_argument("--alibi", choices=["linear", "sqrt"], default=None)
+    p.add_argument("--no-baseline", action="store_true", help="skip the gather + SDPA baseline")
+    p.add_argument("--json", default="bench.json", help="where to write the JSON report")
+    p.add_argument("--plot", default="bench.png", help="where to write the PNG plot ('' = none)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("diffkv bench needs a CUDA GPU (it measures the GPU's ceilings); none is visible", file=sys.stderr)
+        return 2
+    scenarios = [SCENARIOS[n] for n in args.scenarios] if args.scenarios else (
+        [] if args.seqs else list(SCENARIOS.values()))
+    unknown = [n for n in args.scenarios if n not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}", file=sys.stderr)
+        return 2
+    if args.seqs:
+        h, hkv = (int(x) for x in args.heads.split("/"))
+        dqk, dv = (int(x) for x in args.head_sizes.split("/"))
+        groups = parse_seqs(args.seqs)
+        kinds = {"decode" if q == 1 else "prefill" for _, q, _ in groups}
+        scenarios.append(Scenario("custom", groups, kinds.pop() if len(kinds) == 1 else "mixed", num_heads=h,
+                                  num_kv_heads=hkv, head_size=dqk, head_size_v=dv, block_size=args.block_size,
+                                  dtype=args.dtype, sliding_window=args.window, sinks=args.sinks,
+                                  softcap=args.softcap, alibi=args.alibi))
+    report = run(scenarios, args.backend, torch.device("cuda"), with_baseline=not args.no_baseline)
+    print_table(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"JSON written to {args.json}")
+    if args.plot and plot(report, args.plot):
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+__all__ = ["SCENARIOS", "Scenario", "main", "run", "workload"]
