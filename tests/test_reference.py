@@ -140,3 +140,18 @@ def test_cache_writer_bit_exact_and_skips_negative_slots():
                 expect[slot // 16, slot % 16, :, :Dqk] = key[t]
                 expect[slot // 16, slot % 16, :, Dqk:] = value[t]
         assert torch.equal(cache.view(torch.uint8), expect.view(torch.uint8))
+
+
+def test_readme_mask_example_is_what_the_reference_computes():
+    from pathlib import Path
+
+    from diffkv.reference.attention import attention_logits, format_mask
+
+    text = format_mask(context_len=2, q_len=4, sliding_window=3)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert text in readme
+    x = attention_logits(torch.zeros(4, 1, 4), torch.zeros(6, 1, 4), context_len=2, scale=1.0, softcap=None,
+                         sliding_window=3, alibi_slopes=None, use_alibi_sqrt=False)
+    allowed = (x[0] > float("-inf")).tolist()
+    rows = [line.split(":", 1)[1].split() for line in text.splitlines()[1:]]
+    assert rows == [["x" if a else "." for a in r] for r in allowed]

@@ -129,3 +129,24 @@ def paged_attention(
         )
         out[start:end] = softmax_with_sinks(x, v, sinks).to(out.dtype)
     return out
+
+
+def format_mask(context_len: int, q_len: int, sliding_window: int | None = None) -> str:
+    """The allowed (query row, key) pairs of one sequence as text, 'x' = allowed.
+
+    >>> print(format_mask(context_len=2, q_len=4, sliding_window=3))
+    keys j:          0 1 2 3 4 5
+    row i=0 (p=2):   x x x . . .
+    row i=1 (p=3):   . x x x . .
+    row i=2 (p=4):   . . x x x .
+    row i=3 (p=5):   . . . x x x
+    """
+    seq_len = context_len + q_len
+    lines = ["keys j:          " + " ".join(str(j % 10) for j in range(seq_len))]
+    for i in range(q_len):
+        p = context_len + i
+        row = " ".join(
+            "x" if j <= p and (sliding_window is None or p - j < sliding_window) else "." for j in range(seq_len)
+        )
+        lines.append(f"row i={i} (p={p}):".ljust(17) + row)
+    return "\n".join(lines)
