@@ -479,6 +479,12 @@ class DiffKVImpl:
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
         )
+        num_actual = getattr(attn_metadata, "num_actual_tokens", None)
+        if num_actual is not None and num_actual > query.shape[0]:  # host int: no device sync
+            raise validation.ShapeError(
+                f"attn_metadata.num_actual_tokens={num_actual} (query_start_loc[-1]) exceeds the {query.shape[0]} "
+                f"query rows (query shape {list(query.shape)}); expected num_actual_tokens <= query.shape[0]"
+            )
         reasons = self.backend.validate_configuration(
             head_size=self.head_size,
             head_size_v=self.head_size_v,
