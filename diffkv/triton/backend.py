@@ -1,0 +1,172 @@
+"""The Triton backend behind the shared interface (SPEC section 3).
+
+* :class:`TritonBackend` -- name ``"TRITON_DIFFKV"``, capabilities as data,
+  :meth:`TritonBackend.validate_configuration` returning every reason, and
+  direct functional entry points (``paged_attention`` / ``write_kv_cache``)
+  used by ``diffkv.paged_attention(..., backend="triton")``.
+* :class:`TritonImpl` -- one attention layer: the cache writer and the
+  attention launch. Argument checks happen once in
+  :class:`diffkv.interface.DiffKVImpl`; the hooks here only launch.
+* :class:`TritonMetadataBuilder` -- preallocates the split-KV workspace
+  (partial outputs sized by ``head_size_v``, not ``head_size``) once, so the
+  forward allocates nothing and never syncs with the host: it is capturable
+  in a CUDA graph and replayable with new metadata values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffkv.interface import BackendCapabilities, DiffKVBackend, DiffKVImpl, Feature
+from diffkv.metadata import CommonAttentionMetadata, DiffKVMetadata, DiffKVMetadataBuilder, KVCacheSpec
+from diffkv.triton import launch
+from diffkv.triton.kernels import attention as _attention
+from diffkv.triton.kernels import cache_writer as _cache_writer
+from diffkv.triton.kernels.attention import Workspace
+
+
+class TritonMetadataBuilder(DiffKVMetadataBuilder):
+    """Builds :class:`DiffKVMetadata` whose ``workspace`` is this builder's
+    preallocated split-KV scratch (:class:`Workspace`).
+
+    The workspace holds ``launch.split_rows_capacity(max_num_batched_tokens)``
+    (query token x split) rows of ``num_heads x head_size_v`` fp32 partial
+    outputs; it is allocated here, once, and reused by every build.
+    """
+
+    def __init__(self, kv_cache_spec: KVCacheSpec, device: torch.device | str, *, num_blocks: int | None = None,
+                 validate: bool = True) -> None:
+        super().__init__(kv_cache_spec, device, num_blocks=num_blocks, validate=validate)
+        rows = launch.split_rows_capacity(kv_cache_spec.max_num_batched_tokens)
+        self.workspace = Workspace.allocate(rows, kv_cache_spec.num_heads, kv_cache_spec.head_size_v, self.device)
+
+    def make_workspace(self, common: CommonAttentionMetadata) -> Workspace:
+        return self.workspace
+
+
+class TritonImpl(DiffKVImpl):
+    """Triton kernels for one layer.
+
+    Attributes:
+        num_splits: force the KV split count (None = launch heuristics);
+            for tests and tuning.
+    """
+
+    num_splits: int | None = None
+
+    def _write_kv_cache(self, key, value, kv_cache, slot_mapping) -> None:
+        _cache_writer.write_kv_cache(key, value, kv_cache, slot_mapping)
+
+    def _attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: DiffKVMetadata,
+                   output: torch.Tensor) -> None:
+        slopes, sinks = self._params_on(query.device)
+        n = metadata.num_reqs or metadata.seq_lens.shape[0]
+        workspace = metadata.workspace if isinstance(metadata.workspace, Workspace) else None
+        _attention.paged_attention(
+            query,
+            kv_cache,
+            metadata.query_start_loc[: n + 1],
+            metadata.seq_lens[:n],
+            metadata.block_table,
+            output,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            softcap=self.logits_soft_cap,
+            alibi_slopes=slopes,
+            use_alibi_sqrt=self.use_alibi_sqrt,
+            sinks=sinks,
+            max_query_len=metadata.max_query_len,
+            max_seq_len=metadata.max_seq_len,
+            workspace=workspace,
+            num_splits=self.num_splits,
+        )
+
+
+class TritonBackend(DiffKVBackend):
+    """Triton kernels: every feature of SPEC section 2, fp16/bf16/fp32, any
+    multiple-of-16 block size up to 256, Dqk and Dv independent multiples of
+    16 from 32 to 256, CUDA-graph capturable forward. Runs on CUDA, and on the
+    CPU through the Triton interpreter (TRITON_INTERPRET=1 set before triton
+    is imported; slow, for tests)."""
+
+    name = "TRITON_DIFFKV"
+    capabilities = BackendCapabilities(
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        kv_cache_dtypes=("auto",),
+        block_size_multiple=16,
+        max_block_size=256,
+        head_sizes=tuple(range(32, 257, 16)),
+        head_sizes_v=tuple(range(32, 257, 16)),
+        features=frozenset(Feature.ALL),
+        devices=("cuda", "cpu"),
+    )
+
+    @classmethod
+    def get_impl_cls(cls) -> type[TritonImpl]:
+        return TritonImpl
+
+    @classmethod
+    def get_builder_cls(cls) -> type[TritonMetadataBuilder]:
+        return TritonMetadataBuilder
+
+    @classmethod
+    def validate_configuration(cls, **kwargs) -> list[str]:
+        """Every reason the configuration is unsupported (see
+        :meth:`DiffKVBackend.validate_configuration`), plus: CPU tensors need
+        the Triton interpreter."""
+        reasons = super().validate_configuration(**kwargs)
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cpu" and not _attention.INTERPRETED:
+            reasons.append(
+                f"device='cpu': {cls.name} runs on CPU tensors only in the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before triton is imported); use a CUDA device or backend='reference'"
+            )
+        return reasons
+
+    # -- direct functional entry points ------------------------------------
+    @classmethod
+    def paged_attention(
+        cls,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        alibi_slopes: torch.Tensor | None = None,
+        use_alibi_sqrt: bool = False,
+        sinks: torch.Tensor | None = None,
+        out: torch.Tensor,
+        num_splits: int | None = None,
+    ) -> torch.Tensor:
+        """Kernel launch without impl/builder objects (shapes already checked
+        by :func:`diffkv.paged_attention`). Tile sizes and the split count come
+        from shape-derived bounds; the split workspace is allocated here, for
+        this call only (the class API preallocates it instead)."""
+        dev = query.device
+        if alibi_slopes is not None:
+            alibi_slopes = alibi_slopes.to(dev, torch.float32).contiguous()
+        if sinks is not None:
+            sinks = sinks.to(dev, torch.float32).contiguous()
+        T, H, Dqk = query.shape
+        Dv = kv_cache.shape[3] - Dqk
+        budget = max(1, launch.split_rows_capacity(T) // max(1, T))
+        plan = _attention.plan_for(query, kv_cache, seq_lens, block_table, num_splits=num_splits, max_splits=budget)
+        workspace = Workspace.allocate(T * plan.num_splits, H, Dv, dev) if plan.num_splits > 1 else None
+        return _attention.paged_attention(
+            query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
+            sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
+            use_alibi_sqrt=use_alibi_sqrt, sinks=sinks, workspace=workspace, num_splits=plan.num_splits,
+        )
+
+    @classmethod
+    def write_kv_cache(cls, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+        """Cache-writer kernel launch (shapes already checked)."""
+        _cache_writer.write_kv_cache(key, value, kv_cache, slot_mapping)
+
+
+TritonImpl.backend = TritonBackend

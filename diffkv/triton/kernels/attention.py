@@ -1,0 +1,527 @@
+"""Paged DiffKV attention kernels (SPEC section 2) and their host launcher.
+
+One launch path serves any mix of full prefills, chunked prefills, multi-token
+(speculative) decodes, single-token decodes and ``q_len = 0`` sequences.
+
+Grid of :func:`_attention_kernel`: ``(T // BLOCK_Q + S, Hkv * num_g_tiles,
+num_splits)``, derived from shapes only. Sequence ``s`` owns the query tiles
+``[qsl[s] // BLOCK_Q + s, qsl[s+1] // BLOCK_Q + s + 1)`` -- disjoint ranges
+that hold at least ``ceil(q_len / BLOCK_Q)`` tiles -- so each program finds its
+sequence by a binary search over ``query_start_loc`` and returns at once if
+its tile is past the sequence's queries. No metadata value is read on the
+host.
+
+Rows of a program: ``BLOCK_M = BLOCK_Q x G_TILE``, row ``r`` is query token
+``q0 + r // G_TILE`` of the sequence and query head ``kvh * G + g_base +
+r % G_TILE`` (GQA packing: every K/V tile is loaded once for all the query
+heads of its KV head).
+
+KV tiles hold ``BLOCK_N`` consecutive tokens of the sequence and may span
+several cache pages: each token's physical row comes from the block table
+(masked on ``j < seq_len`` and on the table width), addresses in int64. Only
+the tiles that the causal mask and the sliding window leave visible to some
+row of the program are visited.
+
+Scores are kept in log2 units: ``log2(e)`` is folded into the scale (or into
+the softcap), ALiBi slopes and sinks, and the softmax uses ``exp2``.
+
+Split-KV (flash-decoding): with ``SPLIT`` the visible KV tiles of a program
+are cut into ``num_splits`` contiguous ranges (grid axis 2); each writes its
+unnormalised partial output, running max and sum to the workspace
+(``[T, H, num_splits, Dv]`` / ``[T, H, num_splits]`` fp32) and
+:func:`_reduce_kernel` combines them (with the sinks) into the output. The
+order of every sum is fixed: results are bitwise deterministic.
+
+Features are compile-time flags (``USE_SOFTCAP``, ``USE_WINDOW``,
+``USE_ALIBI``, ``ALIBI_SQRT``, ``USE_SINKS``): a disabled feature emits no
+code. All K/V reads go through :func:`_load_kv_tile`, where an fp8
+dequantizing variant (per-tensor K/V scales) will fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from diffkv.triton import launch
+
+LOG2E = 1.4426950408889634
+
+INTERPRETED = False  # set below, once the kernels are defined
+
+
+@dataclass
+class Workspace:
+    """Preallocated split-KV scratch (fp32), flat so that one buffer serves
+    any ``(T, num_splits)`` with ``T * num_splits <= rows``.
+
+    Attributes:
+        partial_out: ``[rows * H * Dv]`` unnormalised partial outputs.
+        partial_max: ``[rows * H]`` running maxima (log2 units).
+        partial_sum: ``[rows * H]`` running sums of exponentials.
+    """
+
+    partial_out: torch.Tensor
+    partial_max: torch.Tensor
+    partial_sum: torch.Tensor
+
+    @classmethod
+    def allocate(cls, rows: int, num_heads: int, head_size_v: int, device: torch.device | str) -> Workspace:
+        return cls(
+            partial_out=torch.empty(rows * num_heads * head_size_v, dtype=torch.float32, device=device),
+            partial_max=torch.empty(rows * num_heads, dtype=torch.float32, device=device),
+            partial_sum=torch.empty(rows * num_heads, dtype=torch.float32, device=device),
+        )
+
+    def max_splits(self, num_tokens: int, num_heads: int, head_size_v: int) -> int:
+        """Most splits this workspace holds for ``num_tokens`` query rows."""
+        if num_tokens <= 0:
+            return 1
+        by_out = self.partial_out.numel() // (num_tokens * num_heads * head_size_v)
+        by_vec = min(self.partial_max.numel(), self.partial_sum.numel()) // (num_tokens * num_heads)
+        return max(1, min(by_out, by_vec))
+
+
+# --------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_kv_tile(cache_ptr, offsets, mask):
+    """Read a K or V tile from the packed cache (masked entries read 0).
+
+    The one place K/V enter the kernel: an fp8 cache dequantizes here
+    (load, multiply by the per-tensor K or V scale, cast to the compute dtype).
+    """
+    return tl.load(cache_ptr + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation; full-precision products for
+    fp32 inputs (no TF32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tanh(x):
+    """Overflow-safe tanh: ``sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|})``;
+    huge or infinite ``x`` give +-1, never NaN."""
+    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|) in (0, 1]
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+# --------------------------------------------------------------------------
+# attention kernel
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr,  # [T, H, DQK]
+    cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, DQK + DV]
+    out_ptr,  # [T, H, DV]
+    qsl_ptr,  # [S + 1] int32
+    seq_lens_ptr,  # [S] int32
+    bt_ptr,  # [S, num_bt_cols] int32
+    alibi_ptr,  # [H] fp32 (USE_ALIBI)
+    sinks_ptr,  # [H] fp32 (USE_SINKS)
+    part_out_ptr,  # [T, H, num_splits, DV] fp32 (SPLIT)
+    part_max_ptr,  # [T, H, num_splits] fp32 (SPLIT)
+    part_sum_ptr,  # [T, H, num_splits] fp32 (SPLIT)
+    num_seqs,
+    num_heads,
+    num_bt_cols,
+    num_splits,
+    qk_scale,  # scale * log2(e); scale / softcap with USE_SOFTCAP
+    softcap_log2,  # softcap * log2(e)
+    window,  # sliding window W (keys), USE_WINDOW
+    stride_q0,
+    stride_q1,
+    stride_c0,
+    stride_c1,
+    stride_c2,
+    stride_o0,
+    stride_o1,
+    stride_bt0,
+    BLOCK_SIZE: tl.constexpr,  # cache page size
+    G: tl.constexpr,  # query heads per KV head
+    G_TILE: tl.constexpr,  # query heads per program (power of two)
+    NUM_G_TILES: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # BLOCK_Q * G_TILE
+    BLOCK_N: tl.constexpr,
+    DQK: tl.constexpr,
+    D1: tl.constexpr,  # power-of-two chunk of DQK
+    D2: tl.constexpr,  # padded remainder chunk (0: none)
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    ALIBI_SQRT: tl.constexpr,
+    USE_SINKS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    kvh = tl.program_id(1) // NUM_G_TILES
+    g_base = (tl.program_id(1) % NUM_G_TILES) * G_TILE
+    split = tl.program_id(2)
+
+    # -- which sequence owns query tile pid_q: largest s with start(s) <= pid_q
+    lo = pid_q * 0
+    hi = lo + num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        start = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        go_right = start <= pid_q
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid - 1)
+    s = lo
+    q_start = tl.load(qsl_ptr + s)
+    q_len = tl.load(qsl_ptr + s + 1) - q_start
+    q0 = (pid_q - (q_start // BLOCK_Q + s)) * BLOCK_Q
+    if q0 >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + s)
+    ctx = seq_len - q_len  # context_len: keys before the first new token
+
+    # -- rows: BLOCK_Q query tokens x G_TILE heads of KV head kvh
+    r = tl.arange(0, BLOCK_M)
+    qi = q0 + r // G_TILE  # local query index
+    g = g_base + r % G_TILE
+    h = kvh * G + g  # query head
+    row_ok = (qi < q_len) & (g < G)
+    pos = ctx + qi  # absolute position of the query
+    t_row = (q_start + qi).to(tl.int64)  # global query row
+
+    q_row = q_ptr + t_row * stride_q0 + h.to(tl.int64) * stride_q1
+    d1 = tl.arange(0, D1)
+    q_a = tl.load(q_row[:, None] + d1[None, :], mask=row_ok[:, None] & (d1[None, :] < DQK), other=0.0)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        q_b = tl.load(q_row[:, None] + d2[None, :], mask=row_ok[:, None] & (d2[None, :] < DQK), other=0.0)
+    if USE_ALIBI:
+        slope = tl.load(alibi_ptr + h, mask=g < G, other=0.0) * 1.4426950408889634
+
+    # -- KV tiles visible to some row of this program
+    q_last = tl.minimum(q0 + BLOCK_Q, q_len)  # exclusive
+    kv_hi = ctx + q_last  # causal: keys j < kv_hi
+    if USE_WINDOW:
+        kv_lo = tl.maximum(ctx + q0 - window + 1, 0)  # window: j > p - W
+    else:
+        kv_lo = 0
+    tile_lo = kv_lo // BLOCK_N
+    tile_hi = (kv_hi + BLOCK_N - 1) // BLOCK_N
+    if SPLIT:
+        per_split = (tile_hi - tile_lo + num_splits - 1) // num_splits
+        tile_begin = tile_lo + split * per_split
+        tile_end = tl.minimum(tile_begin + per_split, tile_hi)
+    else:
+        tile_begin = tile_lo
+        tile_end = tile_hi
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+
+    bt_row = bt_ptr + s.to(tl.int64) * stride_bt0
+    head_off = kvh.to(tl.int64) * stride_c2
+    cn = tl.arange(0, BLOCK_N)
+    dv = tl.arange(0, DV_PAD)
+    for tile in range(tile_begin, tile_end):
+        j = tile * BLOCK_N + cn  # key positions [BLOCK_N]
+        col = j // BLOCK_SIZE
+        j_ok = (j < seq_len) & (col < num_bt_cols)
+        block = tl.load(bt_row + col, mask=j_ok, other=0).to(tl.int64)
+        kv_row = block * stride_c0 + (j % BLOCK_SIZE).to(tl.int64) * stride_c1 + head_off  # [BLOCK_N]
+
+        # scores [BLOCK_M, BLOCK_N]: K^T tiles [D, BLOCK_N]
+        k_a = _load_kv_tile(cache_ptr, kv_row[None, :] + d1[:, None], j_ok[None, :] & (d1[:, None] < DQK))
+        x = _dot(q_a, k_a, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        if D2 > 0:
+            k_b = _load_kv_tile(cache_ptr, kv_row[None, :] + d2[:, None], j_ok[None, :] & (d2[:, None] < DQK))
+            x = _dot(q_b, k_b, x, IEEE)
+        x = x * qk_scale
+        if USE_SOFTCAP:
+            x = softcap_log2 * _tanh(x)
+        allowed = j[None, :] <= pos[:, None]
+        if USE_WINDOW:
+            allowed = allowed & ((pos[:, None] - j[None, :]) < window)
+        if USE_ALIBI:
+            if ALIBI_SQRT:
+                dist = tl.maximum(pos[:, None] - j[None, :], 0).to(tl.float32)
+                x = x - slope[:, None] * tl.sqrt(dist)
+            else:
+                x = x + slope[:, None] * (j - ctx).to(tl.float32)[None, :]
+        x = tl.where(allowed, x, float("-inf"))
+
+        # online softmax (log2 units); rows with nothing visible yet stay at 0
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(x - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(cache_ptr, kv_row[:, None] + DQK + dv[None, :], j_ok[:, None] & (dv[None, :] < DV))
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
+
+    dv_ok = dv < DV
+    if SPLIT:
+        slot = (t_row * num_heads + h) * num_splits + split
+        tl.store(part_max_ptr + slot, m_i, mask=row_ok)
+        tl.store(part_sum_ptr + slot, l_i, mask=row_ok)
+        tl.store(part_out_ptr + slot[:, None] * DV + dv[None, :], acc, mask=row_ok[:, None] & dv_ok[None, :])
+    else:
+        if USE_SINKS:
+            z = tl.load(sinks_ptr + h, mask=g < G, other=0.0) * 1.4426950408889634
+            m_f = tl.maximum(m_i, z)
+            corr = tl.exp2(m_i - m_f)
+            l_i = l_i * corr + tl.exp2(z - m_f)
+            acc = acc * corr[:, None]
+        out = acc / l_i[:, None]
+        o_row = out_ptr + t_row * stride_o0 + h.to(tl.int64) * stride_o1
+        tl.store(o_row[:, None] + dv[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _reduce_kernel(
+    out_ptr,  # [T, H, DV]
+    part_out_ptr,  # [T, H, num_splits, DV] fp32
+    part_max_ptr,  # [T, H, num_splits] fp32
+    part_sum_ptr,  # [T, H, num_splits] fp32
+    qsl_ptr,  # [S + 1] int32
+    sinks_ptr,  # [H] fp32 (USE_SINKS)
+    num_seqs,
+    num_heads,
+    num_splits,
+    stride_o0,
+    stride_o1,
+    BLOCK_H: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    USE_SINKS: tl.constexpr,
+):
+    """Combine the KV splits of query row ``t`` for ``BLOCK_H`` heads (the
+    sinks join the denominator here). Rows past ``qsl[S]`` are not owned by any
+    sequence and are left untouched. Splits are summed in a fixed order."""
+    t = tl.program_id(0).to(tl.int64)
+    if t >= tl.load(qsl_ptr + num_seqs):
+        return
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = h < num_heads
+    base = (t * num_heads + h) * num_splits  # [BLOCK_H]
+    k = tl.arange(0, SPLITS_PAD)
+    mk = h_ok[:, None] & (k[None, :] < num_splits)
+    m = tl.load(part_max_ptr + base[:, None] + k[None, :], mask=mk, other=float("-inf"))
+    l = tl.load(part_sum_ptr + base[:, None] + k[None, :], mask=mk, other=0.0)
+    m_all = tl.max(m, 1)
+    if USE_SINKS:
+        z = tl.load(sinks_ptr + h, mask=h_ok, other=0.0) * 1.4426950408889634
+        m_all = tl.maximum(m_all, z)
+    denom = tl.sum(l * tl.exp2(m - m_all[:, None]), 1)  # empty splits: exp2(-inf) = 0
+    if USE_SINKS:
+        denom += tl.exp2(z - m_all)
+    dv = tl.arange(0, DV_PAD)
+    mask = h_ok[:, None] & (dv[None, :] < DV)
+    acc = tl.zeros([BLOCK_H, DV_PAD], tl.float32)
+    for i in range(num_splits):
+        w = tl.exp2(tl.load(part_max_ptr + base + i, mask=h_ok, other=float("-inf")) - m_all)
+        part = tl.load(part_out_ptr + (base + i)[:, None] * DV + dv[None, :], mask=mask, other=0.0)
+        acc += w[:, None] * part
+    out = acc / denom[:, None]
+    o_ptr = out_ptr + t * stride_o0 + h.to(tl.int64)[:, None] * stride_o1 + dv[None, :]
+    tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+INTERPRETED = type(_attention_kernel).__name__ == "InterpretedFunction"
+"""True when Triton runs in interpreter mode (TRITON_INTERPRET=1 was set
+before triton was imported)."""
+
+
+# --------------------------------------------------------------------------
+# host launcher
+# --------------------------------------------------------------------------
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    use_alibi_sqrt: bool = False,
+    sinks: torch.Tensor | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    workspace: Workspace | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Launch DiffKV paged attention. Inputs are assumed checked
+    (:mod:`diffkv.validation`); nothing is read back from the device and
+    nothing is allocated, so the call is CUDA-graph capturable.
+
+    Args:
+        query: [T, H, Dqk]; kv_cache: [num_blocks, block_size, Hkv, Dqk + Dv]
+            (any strides on dims 0-2, last dim contiguous);
+            query_start_loc: [S + 1] int32; seq_lens: [S] int32;
+            block_table: [>= S, max_blocks] int32; out: [>= T, H, Dv].
+        alibi_slopes, sinks: [H] fp32 on the device of query (or None).
+        max_query_len, max_seq_len: host upper bounds steering tile sizes and
+            the split count (shape-derived bounds when None).
+        workspace: split-KV scratch; None = single pass.
+        num_splits: force a KV split count (clamped to what the workspace
+            holds).
+
+    Returns:
+        out (rows ``t < query_start_loc[S]`` written, the rest untouched).
+    """
+    T, H, Dqk = query.shape
+    block_size, Hkv = kv_cache.shape[1], kv_cache.shape[2]
+    Dv = kv_cache.shape[3] - Dqk
+    S = seq_lens.shape[0]
+    if T == 0 or S == 0:
+        return out
+    plan = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
+                    workspace=workspace, num_splits=num_splits)
+    use_softcap = softcap is not None and softcap > 0
+    split = plan.num_splits > 1
+    dummy = query  # never dereferenced when its feature flag is off
+    part_out = workspace.partial_out if split else dummy
+    part_max = workspace.partial_max if split else dummy
+    part_sum = workspace.partial_sum if split else dummy
+    grid = (T // plan.block_q + S, Hkv * plan.num_g_tiles, plan.num_splits)
+    _attention_kernel[grid](
+        query,
+        kv_cache,
+        out,
+        query_start_loc,
+        seq_lens,
+        block_table,
+        alibi_slopes if alibi_slopes is not None else dummy,
+        sinks if sinks is not None else dummy,
+        part_out,
+        part_max,
+        part_sum,
+        S,
+        H,
+        block_table.shape[1],
+        plan.num_splits,
+        float(scale / softcap if use_softcap else scale * LOG2E),
+        float(softcap * LOG2E if use_softcap else 0.0),
+        int(sliding_window or 0),
+        query.stride(0),
+        query.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        block_table.stride(0),
+        BLOCK_SIZE=block_size,
+        G=H // Hkv,
+        G_TILE=plan.g_tile,
+        NUM_G_TILES=plan.num_g_tiles,
+        BLOCK_Q=plan.block_q,
+        BLOCK_M=plan.block_m,
+        BLOCK_N=plan.block_n,
+        DQK=Dqk,
+        D1=plan.d1,
+        D2=plan.d2,
+        DV=Dv,
+        DV_PAD=plan.dv_pad,
+        USE_SOFTCAP=use_softcap,
+        USE_WINDOW=sliding_window is not None,
+        USE_ALIBI=alibi_slopes is not None,
+        ALIBI_SQRT=bool(use_alibi_sqrt and alibi_slopes is not None),
+        USE_SINKS=sinks is not None,
+        SPLIT=split,
+        IEEE=query.dtype == torch.float32,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+    )
+    if split:
+        block_h = min(triton.next_power_of_2(H), 16)
+        _reduce_kernel[(T, triton.cdiv(H, block_h))](
+            out,
+            part_out,
+            part_max,
+            part_sum,
+            query_start_loc,
+            sinks if sinks is not None else dummy,
+            S,
+            H,
+            plan.num_splits,
+            out.stride(0),
+            out.stride(1),
+            BLOCK_H=block_h,
+            DV=Dv,
+            DV_PAD=plan.dv_pad,
+            SPLITS_PAD=plan.splits_pad,
+            USE_SINKS=sinks is not None,
+            num_warps=4,
+        )
+    return out
+
+
+def plan_for(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    workspace: Workspace | None = None,
+    num_splits: int | None = None,
+    max_splits: int | None = None,
+) -> launch.LaunchPlan:
+    """The launch plan :func:`paged_attention` uses for these arguments, from
+    shapes and host ints only (also for tests and benchmarks).
+
+    Missing bounds are derived from shapes: ``max_seq_len`` from the block
+    table width, ``max_query_len`` as the average query length (a hint: the
+    result is correct for any value). ``max_splits`` overrides the
+    workspace's capacity (used by callers that allocate after planning).
+    """
+    T, H, Dqk = query.shape
+    block_size, Hkv = kv_cache.shape[1], kv_cache.shape[2]
+    Dv = kv_cache.shape[3] - Dqk
+    S = seq_lens.shape[0]
+    if max_query_len is None:
+        max_query_len = -(-T // max(S, 1))
+    if max_seq_len is None:
+        max_seq_len = block_table.shape[1] * block_size
+    arch, num_sms = launch.device_arch(query.device, INTERPRETED)
+    return launch.plan_attention(
+        num_tokens=T,
+        num_seqs=S,
+        num_heads=H,
+        num_kv_heads=Hkv,
+        head_size=Dqk,
+        head_size_v=Dv,
+        dtype=query.dtype,
+        max_query_len=int(max_query_len),
+        max_seq_len=int(max_seq_len),
+        arch=arch,
+        num_sms=num_sms,
+        max_splits=max_splits if max_splits is not None else (
+            1 if workspace is None else workspace.max_splits(T, H, Dv)),
+        num_splits=num_splits,
+    )

@@ -1,0 +1,279 @@
+"""Launch heuristics of the Triton attention kernels.
+
+Everything the host decides before a launch lives here, as plain functions of
+*shapes* and *host integers* (never of device values, so the forward stays
+free of host syncs and CUDA-graph capturable):
+
+* tile sizes, ``num_warps`` / ``num_stages``: looked up in
+  :data:`TUNED_CONFIGS`, a table kept in the repository (no autotuning at
+  import or on the hot path). Keys are ``(arch, regime, dtype)`` with optional
+  per-``(Dqk, Dv)`` refinements; the lead tunes the numbers, the structure
+  stays.
+* the split of the Q/K head dim into a power-of-two chunk plus a remainder
+  chunk (192 = 128 + 64), so no compute is spent padding 192 up to 256;
+* GQA packing: one program serves one KV head and a tile of
+  ``BLOCK_Q query tokens x G_TILE query heads`` rows, so each K/V tile is
+  loaded once per KV head (``G_TILE`` = all ``H / Hkv`` heads up to 128);
+* the number of KV splits (flash-decoding) from the SM count, the number of
+  programs and the KV length, bounded by the preallocated workspace.
+
+Regimes: ``decode`` when every sequence has at most
+:data:`DECODE_MAX_QUERY_LEN` new tokens (single-token and speculative
+decodes; rows per program sized to the queries), else ``prefill``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+DECODE_MAX_QUERY_LEN = 8
+"""Batches whose longest query has at most this many tokens use the decode
+tile table (small row tiles, more KV splits)."""
+
+MAX_SPLITS = 64
+"""Upper bound of KV splits per (query tile, KV head)."""
+
+MAX_G_TILE = 128
+"""At most this many query heads of one KV head share a program."""
+
+SPLIT_ROW_BUDGET = 2048
+"""Workspace capacity in (query token x split) rows: the builder allocates
+``SPLIT_ROW_BUDGET x H x Dv`` fp32 partial outputs (plus two ``x H`` fp32
+vectors). ``T x num_splits`` never exceeds it (e.g. one 32k decode with 64
+splits uses 64 rows; 16 decodes x 4 draft tokens x 32 splits use 2048)."""
+
+TARGET_WAVES = 2
+"""Split until about this many waves of programs fill the SMs."""
+
+INTERPRETER_NUM_SMS = 8
+"""Pretend SM count under the Triton interpreter (so CPU tests exercise the
+split path through the ordinary heuristics)."""
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One tuned entry.
+
+    Attributes:
+        block_m: rows (query tokens x heads) per program; in the decode regime
+            an upper bound (rows are sized to the longest query).
+        block_n: KV tokens per tile (a tile may span several cache pages).
+        num_warps, num_stages: Triton launch options.
+        min_tiles_per_split: a KV split gets at least this many tiles.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    min_tiles_per_split: int = 4
+
+
+# (arch, regime, dtype class, head class) -> TileConfig, refined by
+# (arch, regime, dtype class, Dqk, Dv).
+# arch: "sm90" (Hopper), "sm80" (Ampere/Ada and the default), "interpreter".
+# dtype class: "16bit" (fp16/bf16) or "fp32" (full-precision FMA dots: small
+# tiles, no spills). head class: "big" when max(Dqk, Dv) > 192, else "small".
+# Entries were checked for register spills with ptxas (sm_90a): none spill.
+TUNED_CONFIGS: dict[tuple, TileConfig] = {
+    ("sm90", "prefill", "16bit", "small"): TileConfig(128, 64, 8, 2),
+    ("sm90", "decode", "16bit", "small"): TileConfig(64, 64, 4, 3),
+    ("sm90", "prefill", "16bit", "big"): TileConfig(64, 32, 4, 2),
+    ("sm90", "decode", "16bit", "big"): TileConfig(64, 32, 4, 3),
+    ("sm90", "prefill", "fp32", "small"): TileConfig(16, 16, 4, 1),
+    ("sm90", "decode", "fp32", "small"): TileConfig(16, 16, 4, 1),
+    ("sm90", "prefill", "fp32", "big"): TileConfig(16, 16, 4, 1),
+    ("sm90", "decode", "fp32", "big"): TileConfig(16, 16, 4, 1),
+    ("sm90", "prefill", "16bit", 192, 128): TileConfig(128, 64, 8, 2),
+    ("sm90", "decode", "16bit", 192, 128): TileConfig(64, 64, 4, 3),
+    ("sm80", "prefill", "16bit", "small"): TileConfig(64, 64, 4, 2),
+    ("sm80", "decode", "16bit", "small"): TileConfig(64, 64, 4, 2),
+    ("sm80", "prefill", "16bit", "big"): TileConfig(64, 32, 4, 2),
+    ("sm80", "decode", "16bit", "big"): TileConfig(64, 32, 4, 2),
+    ("sm80", "prefill", "fp32", "small"): TileConfig(16, 16, 4, 1),
+    ("sm80", "decode", "fp32", "small"): TileConfig(16, 16, 4, 1),
+    ("sm80", "prefill", "fp32", "big"): TileConfig(16, 16, 4, 1),
+    ("sm80", "decode", "fp32", "big"): TileConfig(16, 16, 4, 1),
+    ("interpreter", "prefill", "16bit", "small"): TileConfig(32, 16, 4, 1, 1),
+    ("interpreter", "decode", "16bit", "small"): TileConfig(16, 16, 4, 1, 1),
+    ("interpreter", "prefill", "fp32", "small"): TileConfig(32, 16, 4, 1, 1),
+    ("interpreter", "decode", "fp32", "small"): TileConfig(16, 16, 4, 1, 1),
+}
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything one attention launch needs besides tensors.
+
+    Attributes:
+        block_q: query tokens per program.
+        g_tile: query heads (of one KV head) per program (power of two).
+        num_g_tiles: programs per KV head along the head axis (1 unless G > 128).
+        block_m: rows per program = block_q * g_tile (>= 16).
+        block_n: KV tokens per tile.
+        d1, d2: the Q/K head dim as a power-of-two chunk plus a padded
+            remainder chunk (d2 = 0: one chunk).
+        dv_pad: next power of two of Dv.
+        num_splits: KV splits (1 = single pass, writes the output directly).
+        splits_pad: next power of two of num_splits (reduce kernel).
+        num_warps, num_stages: attention kernel launch options.
+    """
+
+    block_q: int
+    g_tile: int
+    num_g_tiles: int
+    block_m: int
+    block_n: int
+    d1: int
+    d2: int
+    dv_pad: int
+    num_splits: int
+    splits_pad: int
+    num_warps: int
+    num_stages: int
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def prev_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n.bit_length() - 1)
+
+
+def split_head_dim(head_size: int) -> tuple[int, int]:
+    """``(d1, d2)``: a power-of-two chunk and a padded remainder chunk whose
+    dot products sum to the full ``q . k``.
+
+    192 -> (128, 64); 96 -> (64, 32); 160 -> (128, 32); 128 -> (128, 0).
+    Where the padded remainder would cost as much as padding the whole dim
+    (224 -> 128 + 128), one padded chunk is used instead: (256, 0).
+    """
+    d1 = prev_pow2(head_size)
+    rem = head_size - d1
+    if rem == 0:
+        return d1, 0
+    d2 = max(16, next_pow2(rem))
+    if d1 + d2 >= next_pow2(head_size):
+        return next_pow2(head_size), 0
+    return d1, d2
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def lookup_config(arch: str, regime: str, dtype: torch.dtype, head_size: int, head_size_v: int) -> TileConfig:
+    """The tuned entry for this case: the per-(Dqk, Dv) refinement if any,
+    else the (arch, regime, dtype class, head class) entry; the interpreter
+    ignores head classes and unknown archs fall back to "sm80"."""
+    dc = dtype_class(dtype)
+    cfg = TUNED_CONFIGS.get((arch, regime, dc, head_size, head_size_v))
+    if cfg is not None:
+        return cfg
+    head_class = "big" if max(head_size, head_size_v) > 192 and arch != "interpreter" else "small"
+    cfg = TUNED_CONFIGS.get((arch, regime, dc, head_class))
+    if cfg is None:
+        cfg = TUNED_CONFIGS[("sm80", regime, dc, head_class)]
+    return cfg
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_attention(
+    *,
+    num_tokens: int,
+    num_seqs: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    head_size_v: int,
+    dtype: torch.dtype,
+    max_query_len: int,
+    max_seq_len: int,
+    arch: str,
+    num_sms: int,
+    max_splits: int,
+    num_splits: int | None = None,
+) -> LaunchPlan:
+    """Choose tiles and the KV split count.
+
+    Args:
+        num_tokens: query rows (``query.shape[0]``; bounds the grid).
+        num_seqs: sequences in the batch.
+        max_query_len, max_seq_len: host upper bounds of the batch (metadata
+            host ints, or shape-derived bounds); they only steer performance.
+        arch: key of :data:`TUNED_CONFIGS` (see :func:`device_arch`).
+        num_sms: streaming multiprocessors of the device.
+        max_splits: most splits the workspace holds for ``num_tokens`` rows
+            (1 = no workspace, single pass).
+        num_splits: force a split count (tests, tuning); clamped to
+            ``max_splits``.
+    """
+    G = num_heads // num_kv_heads
+    regime = "decode" if max_query_len <= DECODE_MAX_QUERY_LEN else "prefill"
+    cfg = lookup_config(arch, regime, dtype, head_size, head_size_v)
+    g_pad = next_pow2(G)
+    g_tile = min(g_pad, MAX_G_TILE)
+    num_g_tiles = math.ceil(G / g_tile)
+    if regime == "decode":
+        want_q = next_pow2(max(1, max_query_len))
+        block_m = max(16, min(max(cfg.block_m, g_tile), g_tile * want_q))
+    else:
+        block_m = max(16, cfg.block_m, g_tile)
+    block_q = max(1, block_m // g_tile)
+    block_m = block_q * g_tile
+    if block_m < 16:  # tl.dot needs at least 16 rows
+        block_q = 16 // g_tile
+        block_m = 16
+    d1, d2 = split_head_dim(head_size)
+
+    if num_splits is None:
+        q_tiles = min(num_seqs * math.ceil(max(1, max_query_len) / block_q), num_tokens // block_q + num_seqs)
+        programs = max(1, q_tiles * num_kv_heads * num_g_tiles)
+        kv_tiles = math.ceil(max(1, max_seq_len) / cfg.block_n)
+        target = num_sms * TARGET_WAVES
+        splits = 1
+        if programs < target:
+            splits = min(math.ceil(target / programs), kv_tiles // max(1, cfg.min_tiles_per_split), MAX_SPLITS)
+            splits = prev_pow2(max(1, splits))
+    else:
+        splits = max(1, int(num_splits))
+    splits = max(1, min(splits, max_splits))
+    return LaunchPlan(
+        block_q=block_q,
+        g_tile=g_tile,
+        num_g_tiles=num_g_tiles,
+        block_m=block_m,
+        block_n=cfg.block_n,
+        d1=d1,
+        d2=d2,
+        dv_pad=next_pow2(head_size_v),
+        num_splits=splits,
+        splits_pad=next_pow2(splits),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_props(index: int) -> tuple[int, int]:
+    p = torch.cuda.get_device_properties(index)
+    return p.major * 10 + p.minor, p.multi_processor_count
+
+
+def device_arch(device: torch.device, interpreted: bool) -> tuple[str, int]:
+    """``(arch key, SM count)`` for :func:`plan_attention`."""
+    if interpreted or device.type != "cuda":
+        return "interpreter", INTERPRETER_NUM_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cc, sms = _cuda_props(index)
+    return ("sm90" if cc >= 90 else "sm80"), sms
+
+
+def split_rows_capacity(max_num_batched_tokens: int) -> int:
+    """Rows (token x split) of the workspace a builder preallocates."""
+    return max(MAX_SPLITS, min(SPLIT_ROW_BUDGET, max(1, max_num_batched_tokens) * MAX_SPLITS))
