@@ -1,0 +1,55 @@
+"""A representative subset of the Triton kernels for compute-sanitizer
+(``scripts/gpu_memcheck.sh``): every kernel (cache writer, single-pass and
+split attention, reduce), every feature flag, GQA with a padded head tile,
+Dqk = 192 (two dot chunks), permuted blocks, out-of-range ids in unused
+block-table columns, NaN padding rows, q_len = 0 sequences, vLLM-strided
+cache. Prints one line per case; exits non-zero on a wrong result."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import diffkv
+from diffkv.testing import BatchSpec, LayerFeatures, SeqShape, make_batch
+from tests.triton_common import check_output, run_class_api, run_kernel
+
+MIXED = (SeqShape(0, 20), SeqShape(1, 150), SeqShape(37, 60), SeqShape(4, 90), SeqShape(45, 0), SeqShape(0, 0))
+ALL = LayerFeatures(sliding_window=70, softcap=20.0, alibi="linear", sinks=True)
+SQRT = LayerFeatures(alibi="sqrt", sinks=True, softcap=5.0)
+
+
+def main() -> int:
+    cases = [
+        ("mixed bf16 192/128 all features, heuristic", BatchSpec(MIXED, 16, 2, 192, 128, 16, torch.bfloat16, 3), ALL, None),
+        ("mixed fp16 split 5", BatchSpec(MIXED, 12, 4, 96, 64, 32, torch.float16, 2), SQRT, 5),
+        ("decode fp32 GQA 3, split 16", BatchSpec((SeqShape(1, 300), SeqShape(2, 50)), 6, 2, 80, 48, 16,
+                                                  torch.float32, 2), ALL, 16),
+        ("decode bf16 256/256 block 64", BatchSpec((SeqShape(1, 700), SeqShape(1, 5)), 8, 1, 256, 256, 64,
+                                                    torch.bfloat16, 1), SQRT, None),
+    ]
+    for name, spec, features, splits in cases:
+        batch = make_batch(spec, features, device="cuda")
+        out = run_class_api(batch, num_splits=splits) if splits is None else run_kernel(batch, num_splits=splits)
+        torch.cuda.synchronize()
+        check_output(out, batch)
+        print(f"ok: {name}", flush=True)
+    # vLLM-strided cache through the functional API
+    batch = make_batch(BatchSpec(MIXED, 8, 2, 192, 128, 16, torch.bfloat16, 2), ALL, device="cuda")
+    batch.kv_cache = batch.kv_cache.transpose(1, 2).contiguous().transpose(1, 2)
+    out = batch.fresh_out()
+    diffkv.paged_attention(batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_table,
+                           out=out, backend="triton", **batch.attention_kwargs())
+    check_output(out, batch)
+    # the cache writer, negative slots included, into the strided cache
+    cache = batch.kv_cache.clone().transpose(1, 2).contiguous().transpose(1, 2)
+    diffkv.write_kv_cache(batch.key, batch.value, cache, batch.slot_mapping, backend="triton")
+    torch.cuda.synchronize()
+    assert torch.equal(cache.contiguous().view(torch.int16), batch.kv_cache.contiguous().view(torch.int16))
+    print("ok: functional + cache writer on vLLM-strided cache", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
