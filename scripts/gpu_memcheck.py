@@ -20,7 +20,24 @@ ALL = LayerFeatures(sliding_window=70, softcap=20.0, alibi="linear", sinks=True)
 SQRT = LayerFeatures(alibi="sqrt", sinks=True, softcap=5.0)
 
 
+def plant_out_of_bounds_write() -> int:
+    """Self-test of the tool: the raw cache-writer launcher (no validation)
+    with one slot far past the cache -- memcheck must report it."""
+    from diffkv.triton.kernels.cache_writer import write_kv_cache
+
+    key = torch.randn(4, 2, 64, device="cuda", dtype=torch.float16)
+    value = torch.randn(4, 2, 32, device="cuda", dtype=torch.float16)
+    cache = torch.zeros(2, 16, 2, 96, device="cuda", dtype=torch.float16)
+    slots = torch.tensor([0, 1, 2, 2 * 16 * 4096], device="cuda")
+    write_kv_cache(key, value, cache, slots)
+    torch.cuda.synchronize()
+    print("planted out-of-bounds write launched", flush=True)
+    return 0
+
+
 def main() -> int:
+    if "--plant-oob" in sys.argv:
+        return plant_out_of_bounds_write()
     cases = [
         ("mixed bf16 192/128 all features, heuristic", BatchSpec(MIXED, 16, 2, 192, 128, 16, torch.bfloat16, 3), ALL, None),
         ("mixed fp16 split 5", BatchSpec(MIXED, 12, 4, 96, 64, 32, torch.float16, 2), SQRT, 5),
