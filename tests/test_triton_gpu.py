@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import diffkv
+import diffkv.backends
 from diffkv.reference import write_kv_cache as reference_write_kv_cache
 from diffkv.testing import BatchSpec, LayerFeatures, SeqShape, make_batch
 from diffkv.testing.batches import BAD_BLOCK_ID
@@ -219,6 +220,34 @@ def test_cuda_graph_capture_and_replay_with_new_metadata():
         graph.replay()
         torch.cuda.synchronize()
         check_output(out.clone(), b, what=f"graph replay {b.spec.describe()}")
+
+
+def test_forward_allocates_nothing():
+    """With the builder's workspace, a (split) forward makes no allocation."""
+    from diffkv.triton.backend import TritonBackend
+
+    batch = gpu_batch(spec(BATCH_CLASSES["decode"]), FEATURES["all_linear"])
+    impl = TritonBackend.get_impl_cls()(**batch.impl_kwargs())
+    _, md = build_metadata(batch, TritonBackend)
+    out = batch.fresh_out()
+    impl.forward(None, batch.query, None, None, batch.kv_cache, md, out)  # compiles, caches per-device params
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    impl.forward(None, batch.query, None, None, batch.kv_cache, md, out)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    check_output(out, batch)
+
+
+def test_auto_backend_is_triton_on_cuda():
+    from diffkv.triton.backend import TritonBackend
+
+    batch = gpu_batch(spec(BATCH_CLASSES["mixed"]), FEATURES["sinks"])
+    assert diffkv.backends.resolve_backend("auto", batch.query.device) is TritonBackend
+    out = batch.fresh_out()
+    diffkv.paged_attention(batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_table,
+                           out=out, **batch.attention_kwargs())
+    check_output(out, batch)
 
 
 # ------------------------------------------------------------ int64 offsets

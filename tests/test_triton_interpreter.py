@@ -277,6 +277,14 @@ def test_backend_declares_capabilities_and_reasons():
     assert len(reasons) == 9, reasons
 
 
+def test_auto_resolves_to_triton_for_cuda_tensors():
+    from diffkv.backends import resolve_backend
+    from diffkv.triton.backend import TritonBackend
+
+    assert resolve_backend("auto", torch.device("cuda")) is TritonBackend
+    assert resolve_backend("triton", torch.device("cpu")) is TritonBackend
+
+
 def test_unsupported_config_raises_with_every_reason():
     from diffkv.triton.backend import TritonBackend
 
