@@ -1,0 +1,7 @@
+"""``python -m conformance`` = ``diffkv-conformance``."""
+
+import sys
+
+from conformance.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Example adapters: how an outside backend is wrapped to be tested by the suite."""
