@@ -321,7 +321,7 @@ class DiffKVVllmImpl(AttentionImpl[DiffKVMetadata]):
             )
         if attn_type != AttentionType.DECODER:
             reasons.append(
-                f"{BACKEND_NAME} only supports decoder self-attention (got attn_type={str(attn_type)!r}); "
+                f"{BACKEND_NAME} only supports decoder self-attention (got attn_type={getattr(attn_type, 'value', attn_type)!r}); "
                 "encoder, encoder-only and encoder-decoder attention are not supported."
             )
         return reasons
