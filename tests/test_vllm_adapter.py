@@ -494,27 +494,35 @@ def test_quantized_caches_rejected(kv_cache_dtype):
 
 
 def test_vllm_triton_diffkv_impl_rejects_a_subset_of_what_we_reject():
-    """Constructor verdicts next to vLLM's own impl (on CPU): every cache dtype
-    vLLM's impl refuses, we refuse too; the only ones it accepts and we refuse
-    are fp8 / fp8_e4m3 (documented)."""
+    """Constructor verdicts next to vLLM's own impl (on CPU, bfloat16 model):
+    every cache dtype vLLM's impl refuses, we refuse too; the only ones it
+    accepts and we refuse are fp8 / fp8_e4m3 and a 16-bit cache other than
+    the model dtype (both documented)."""
     extra_accepted_by_vllm = set()
     for kv in KV_CACHE_DTYPES:
-        try:
-            DiffKVVllmImpl(**impl_args(kv_cache_dtype=kv))
-            ours = True
-        except UnsupportedConfigError:
-            ours = False
-        try:
-            args = impl_args(kv_cache_dtype=kv)
-            args.pop("head_size_v")
-            TritonAttentionDiffKVImpl(**args)
-            theirs = True
-        except NotImplementedError:
-            theirs = False
+        ours, theirs = impl_verdicts(kv)
         assert not (ours and not theirs), kv
         if theirs and not ours:
             extra_accepted_by_vllm.add(kv)
-    assert extra_accepted_by_vllm == {"fp8", "fp8_e4m3"}
+    assert extra_accepted_by_vllm == {"fp8", "fp8_e4m3", "float16"}
+
+
+@default_dtype(torch.bfloat16)
+def impl_verdicts(kv_cache_dtype: str) -> tuple[bool, bool]:
+    """(ours accepts, vLLM's TritonAttentionDiffKVImpl accepts) for a cache dtype."""
+    try:
+        DiffKVVllmImpl(**impl_args(kv_cache_dtype=kv_cache_dtype))
+        ours = True
+    except UnsupportedConfigError:
+        ours = False
+    args = impl_args(kv_cache_dtype=kv_cache_dtype)
+    args.pop("head_size_v")
+    try:
+        TritonAttentionDiffKVImpl(**args)
+        theirs = True
+    except NotImplementedError:
+        theirs = False
+    return ours, theirs
 
 
 def test_every_reason_at_once():
@@ -548,12 +556,35 @@ def test_malformed_layer_arguments_are_value_errors():
 def test_vllm_positional_construction_and_accepted_options():
     """vLLM's Attention layer passes ten positional arguments plus keywords."""
     sinks = torch.randn(8)
-    impl = DiffKVVllmImpl(8, 192, 0.07, 2, [0.5] * 8, 128, "bfloat16", 30.0, AttentionType.DECODER, None,
-                          sinks=sinks, use_alibi_sqrt=True, chunk_lookback=-1)
+    with default_dtype(torch.bfloat16):  # vLLM builds layers under the model dtype
+        impl = DiffKVVllmImpl(8, 192, 0.07, 2, [0.5] * 8, 128, "bfloat16", 30.0, AttentionType.DECODER, None,
+                              sinks=sinks, use_alibi_sqrt=True, chunk_lookback=-1)
     assert (impl.num_heads, impl.head_size, impl.num_kv_heads, impl.kv_cache_dtype) == (8, 192, 2, "bfloat16")
     assert impl.head_size_v == 192  # no hint: head_size (the real Dv comes from each call's cache)
     DiffKVVllmBackend.set_head_size_v(128)
     assert DiffKVVllmImpl(8, 192, 0.07, 2, None, None, "auto").head_size_v == 128
+
+
+def test_impl_repeats_what_backend_selection_would_refuse(monkeypatch):
+    """DiffKV model code passes the backend class to Attention directly
+    (vLLM's selection and its validate_configuration never run), so the impl
+    refuses what selection would: model dtype, a 16-bit cache dtype that is
+    not the model's, batch invariance, non-causal / prefix-LM config."""
+    with default_dtype(torch.float16), pytest.raises(UnsupportedConfigError, match="with model dtype torch.float16"):
+        DiffKVVllmImpl(**impl_args(kv_cache_dtype="bfloat16"))
+    with default_dtype(torch.float16):
+        DiffKVVllmImpl(**impl_args(kv_cache_dtype="float16"))
+    with default_dtype(torch.float64), pytest.raises(UnsupportedConfigError, match="model dtype torch.float64"):
+        DiffKVVllmImpl(**impl_args())
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    with pytest.raises(UnsupportedConfigError, match="batch invariance"):
+        DiffKVVllmImpl(**impl_args())
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT")
+    cfg = VllmConfig(attention_config=AttentionConfig(use_non_causal=True))
+    with set_current_vllm_config(cfg), pytest.raises(UnsupportedConfigError, match="non-causal attention"):
+        DiffKVVllmImpl(**impl_args())
+    with set_current_vllm_config(VllmConfig()):
+        DiffKVVllmImpl(**impl_args())
 
 
 def test_forward_rejects_fused_output_quant_and_cascade():

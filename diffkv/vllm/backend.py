@@ -36,6 +36,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import vllm.envs as vllm_envs
+from vllm.config import get_current_vllm_config_or_none
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -231,7 +233,11 @@ class DiffKVVllmImpl(AttentionImpl[DiffKVMetadata]):
         UnsupportedConfigError: (a ``NotImplementedError``) every unsupported
             option at once: quantized or per-token-head-quantized cache,
             chunked attention with lookback, encoder attention, head sizes
-            or features the kernels do not support.
+            or features the kernels do not support, and what backend
+            selection would refuse (model dtype, a 16-bit cache dtype other
+            than the model's, batch invariance, context parallelism,
+            prefix-LM, R-SWA, non-causal attention): DiffKV model code hands
+            the backend class to ``Attention`` directly, bypassing selection.
         InvalidInputError: malformed arguments (e.g. ``num_heads`` not a
             multiple of ``num_kv_heads``, sinks of the wrong length).
     """
@@ -257,6 +263,7 @@ class DiffKVVllmImpl(AttentionImpl[DiffKVMetadata]):
         if head_size_v is None:
             head_size_v = DiffKVVllmBackend.head_size_v if DiffKVVllmBackend.head_size_v is not None else head_size
         reasons = self._vllm_option_reasons(kv_cache_dtype, chunk_lookback, attn_type)
+        reasons += self._selection_reasons(kv_cache_dtype)
 
         self.num_heads = num_heads
         self.head_size = head_size
@@ -324,6 +331,43 @@ class DiffKVVllmImpl(AttentionImpl[DiffKVMetadata]):
                 f"{BACKEND_NAME} only supports decoder self-attention (got attn_type={getattr(attn_type, 'value', attn_type)!r}); "
                 "encoder, encoder-only and encoder-decoder attention are not supported."
             )
+        return reasons
+
+    def _selection_reasons(self, kv_cache_dtype: str) -> list[str]:
+        """What vLLM's backend selection (``validate_configuration``) would
+        refuse, checked again here because DiffKV model code passes the
+        backend class to ``Attention`` directly, bypassing selection. Reads
+        the model dtype (vLLM builds layers under it as torch's default
+        dtype), ``VLLM_BATCH_INVARIANT`` and the current vLLM config."""
+        reasons = []
+        dtype = torch.get_default_dtype()
+        if dtype not in CAPABILITIES.dtypes:
+            reasons.append(
+                f"{BACKEND_NAME} does not support model dtype {dtype}; supported: "
+                + ", ".join(str(d) for d in CAPABILITIES.dtypes) + "."
+            )
+        want = _CACHE_DTYPE_TORCH.get(kv_cache_dtype)
+        if want is not None and want != dtype:
+            reasons.append(
+                f"{BACKEND_NAME} does not support kv_cache_dtype={kv_cache_dtype!r} with model dtype {dtype} "
+                "(the kernels read the cache in the model dtype); use kv_cache_dtype='auto'."
+            )
+        if vllm_envs.VLLM_BATCH_INVARIANT:
+            reasons.append(f"{BACKEND_NAME} does not support batch invariance (VLLM_BATCH_INVARIANT=1).")
+        if getattr(self, "dcp_world_size", 1) > 1 or getattr(self, "pcp_world_size", 1) > 1:
+            reasons.append(
+                f"{BACKEND_NAME} does not support context parallelism (decode CP world size "
+                f"{getattr(self, 'dcp_world_size', 1)}, prefill CP world size {getattr(self, 'pcp_world_size', 1)})."
+            )
+        config = get_current_vllm_config_or_none()
+        if config is not None:
+            model_config = config.model_config
+            if model_config is not None and model_config.is_mm_prefix_lm:
+                reasons.append(f"{BACKEND_NAME} does not support partial multimodal token full attention (prefix LM).")
+            if model_config is not None and model_config.rswa_window is not None:
+                reasons.append(f"{BACKEND_NAME} does not support R-SWA (rswa_window={model_config.rswa_window}).")
+            if config.attention_config.use_non_causal:
+                reasons.append(f"{BACKEND_NAME} does not support non-causal attention (attention_config.use_non_causal).")
         return reasons
 
     def _impl_for(self, head_size_v: int, device: torch.device) -> DiffKVImpl:
