@@ -80,16 +80,16 @@ class TileConfig:
 # tiles, no spills). head class: "big" when max(Dqk, Dv) > 192, else "small".
 # Entries were checked for register spills with ptxas (sm_90a): none spill.
 TUNED_CONFIGS: dict[tuple, TileConfig] = {
-    ("sm90", "prefill", "16bit", "small"): TileConfig(128, 64, 8, 2),
-    ("sm90", "decode", "16bit", "small"): TileConfig(64, 64, 4, 3),
+    ("sm90", "prefill", "16bit", "small"): TileConfig(128, 128, 8, 2),
+    ("sm90", "decode", "16bit", "small"): TileConfig(64, 128, 4, 3, 2),
     ("sm90", "prefill", "16bit", "big"): TileConfig(64, 32, 4, 2),
     ("sm90", "decode", "16bit", "big"): TileConfig(64, 32, 4, 3),
     ("sm90", "prefill", "fp32", "small"): TileConfig(16, 16, 4, 1),
     ("sm90", "decode", "fp32", "small"): TileConfig(16, 16, 4, 1),
     ("sm90", "prefill", "fp32", "big"): TileConfig(16, 16, 4, 1),
     ("sm90", "decode", "fp32", "big"): TileConfig(16, 16, 4, 1),
-    ("sm90", "prefill", "16bit", 192, 128): TileConfig(128, 64, 8, 2),
-    ("sm90", "decode", "16bit", 192, 128): TileConfig(64, 64, 4, 3),
+    ("sm90", "prefill", "16bit", 192, 128): TileConfig(128, 128, 8, 2),
+    ("sm90", "decode", "16bit", 192, 128): TileConfig(64, 128, 4, 3, 2),
     ("sm80", "prefill", "16bit", "small"): TileConfig(64, 64, 4, 2),
     ("sm80", "decode", "16bit", "small"): TileConfig(64, 64, 4, 2),
     ("sm80", "prefill", "16bit", "big"): TileConfig(64, 32, 4, 2),

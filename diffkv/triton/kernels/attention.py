@@ -101,6 +101,12 @@ def _load_kv_tile(cache_ptr, offsets, mask):
 
 
 @triton.jit
+def _load_kv_tile_unmasked(cache_ptr, offsets):
+    """:func:`_load_kv_tile` for interior tiles (every offset valid)."""
+    return tl.load(cache_ptr + offsets)
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation; full-precision products for
     fp32 inputs (no TF32)."""
@@ -122,6 +128,84 @@ def _tanh(x):
 # --------------------------------------------------------------------------
 # attention kernel
 # --------------------------------------------------------------------------
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
+    qk_scale, softcap_log2, window, stride_c0, stride_c1,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
+    D2: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+    USE_ALIBI: tl.constexpr, ALIBI_SQRT: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+):
+    """One KV tile of the online softmax.
+
+    ``MASKED=False`` is the interior fast path: the caller guarantees every key
+    of the tile is visible to every row (causal and window) and lies inside the
+    sequence, so no mask is computed and no load is predicated. ``MASKED=True``
+    handles the tiles on the diagonal, the window's lower edge and the
+    sequence end.
+    """
+    cn = tl.arange(0, BLOCK_N)
+    d1 = tl.arange(0, D1)
+    dv = tl.arange(0, DV_PAD)
+    j = tile * BLOCK_N + cn  # key positions [BLOCK_N]
+    col = j // BLOCK_SIZE
+    if MASKED:
+        j_ok = (j < seq_len) & (col < num_bt_cols)
+        block = tl.load(bt_row + col, mask=j_ok, other=0).to(tl.int64)
+    else:
+        j_ok = cn < BLOCK_N
+        block = tl.load(bt_row + col).to(tl.int64)
+    kv_row = block * stride_c0 + (j % BLOCK_SIZE).to(tl.int64) * stride_c1 + head_off  # [BLOCK_N]
+    # scores [BLOCK_M, BLOCK_N]; K tiles read [BLOCK_N, D] (rows contiguous) and transposed
+    k_mask = j_ok[:, None]
+    if D1 > DQK:
+        k_mask = k_mask & (d1[None, :] < DQK)
+    if MASKED or D1 > DQK:
+        k_a = _load_kv_tile(cache_ptr, kv_row[:, None] + d1[None, :], k_mask)
+    else:
+        k_a = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + d1[None, :])
+    x = _dot(q_a, tl.trans(k_a), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        k_mask2 = j_ok[:, None]
+        if D1 + D2 > DQK:
+            k_mask2 = k_mask2 & (d2[None, :] < DQK)
+        if MASKED or D1 + D2 > DQK:
+            k_b = _load_kv_tile(cache_ptr, kv_row[:, None] + d2[None, :], k_mask2)
+        else:
+            k_b = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + d2[None, :])
+        x = _dot(q_b, tl.trans(k_b), x, IEEE)
+    x = x * qk_scale
+    if USE_SOFTCAP:
+        x = softcap_log2 * _tanh(x)
+    if USE_ALIBI:
+        if ALIBI_SQRT:
+            dist = tl.maximum(pos[:, None] - j[None, :], 0).to(tl.float32)
+            x = x - slope[:, None] * tl.sqrt(dist)
+        else:
+            x = x + slope[:, None] * (j - ctx).to(tl.float32)[None, :]
+    if MASKED:
+        allowed = (j[None, :] <= pos[:, None]) & j_ok[None, :]
+        if USE_WINDOW:
+            allowed = allowed & ((pos[:, None] - j[None, :]) < window)
+        x = tl.where(allowed, x, float("-inf"))
+    # online softmax (log2 units); rows with nothing visible yet stay at 0
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    if MASKED:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    p = tl.exp2(x - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED or DV_PAD > DV:
+        v = _load_kv_tile(cache_ptr, kv_row[:, None] + DQK + dv[None, :], j_ok[:, None] & (dv[None, :] < DV))
+    else:
+        v = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + DQK + dv[None, :])
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+    return acc, m_new, l_i
+
 
 
 @triton.jit
@@ -172,9 +256,12 @@ def _attention_kernel(
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    kvh = tl.program_id(1) // NUM_G_TILES
-    g_base = (tl.program_id(1) % NUM_G_TILES) * G_TILE
+    # grid (Hkv * NUM_G_TILES, query tiles, splits): heads vary fastest so the
+    # programs sharing K/V run together; query tiles run last-first, so in a
+    # causal prefill the tiles with the most keys start first (load balance)
+    pid_q = tl.num_programs(1) - 1 - tl.program_id(1)
+    kvh = tl.program_id(0) // NUM_G_TILES
+    g_base = (tl.program_id(0) % NUM_G_TILES) * G_TILE
     split = tl.program_id(2)
 
     # -- which sequence owns query tile pid_q: largest s with start(s) <= pid_q
@@ -210,6 +297,8 @@ def _attention_kernel(
     if D2 > 0:
         d2 = D1 + tl.arange(0, D2)
         q_b = tl.load(q_row[:, None] + d2[None, :], mask=row_ok[:, None] & (d2[None, :] < DQK), other=0.0)
+    else:
+        q_b = q_a  # unused
     if USE_ALIBI:
         slope = tl.load(alibi_ptr + h, mask=g < G, other=0.0) * 1.4426950408889634
 
@@ -236,45 +325,35 @@ def _attention_kernel(
 
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt0
     head_off = kvh.to(tl.int64) * stride_c2
-    cn = tl.arange(0, BLOCK_N)
+    if not USE_ALIBI:
+        slope = 0.0
+    # interior tiles [int_lo, int_hi): every key visible to every row of the
+    # program (keys <= first row's position, and inside the window of the last
+    # row) -- no masks there; the edges go through the masked path
+    int_hi = (ctx + q0 + 1) // BLOCK_N
+    if USE_WINDOW:
+        int_lo = (tl.maximum(ctx + q_last - window, 0) + BLOCK_N - 1) // BLOCK_N
+    else:
+        int_lo = tile_begin * 0
+    int_lo = tl.minimum(tl.maximum(int_lo, tile_begin), tile_end)
+    int_hi = tl.maximum(tl.minimum(int_hi, tile_end), int_lo)
+    for tile in range(tile_begin, int_lo):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
+            qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+            USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
+    for tile in range(int_lo, int_hi):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
+            qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+            USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, False)
+    for tile in range(int_hi, tile_end):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
+            qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+            USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
+
     dv = tl.arange(0, DV_PAD)
-    for tile in range(tile_begin, tile_end):
-        j = tile * BLOCK_N + cn  # key positions [BLOCK_N]
-        col = j // BLOCK_SIZE
-        j_ok = (j < seq_len) & (col < num_bt_cols)
-        block = tl.load(bt_row + col, mask=j_ok, other=0).to(tl.int64)
-        kv_row = block * stride_c0 + (j % BLOCK_SIZE).to(tl.int64) * stride_c1 + head_off  # [BLOCK_N]
-
-        # scores [BLOCK_M, BLOCK_N]: K^T tiles [D, BLOCK_N]
-        k_a = _load_kv_tile(cache_ptr, kv_row[None, :] + d1[:, None], j_ok[None, :] & (d1[:, None] < DQK))
-        x = _dot(q_a, k_a, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-        if D2 > 0:
-            k_b = _load_kv_tile(cache_ptr, kv_row[None, :] + d2[:, None], j_ok[None, :] & (d2[:, None] < DQK))
-            x = _dot(q_b, k_b, x, IEEE)
-        x = x * qk_scale
-        if USE_SOFTCAP:
-            x = softcap_log2 * _tanh(x)
-        allowed = j[None, :] <= pos[:, None]
-        if USE_WINDOW:
-            allowed = allowed & ((pos[:, None] - j[None, :]) < window)
-        if USE_ALIBI:
-            if ALIBI_SQRT:
-                dist = tl.maximum(pos[:, None] - j[None, :], 0).to(tl.float32)
-                x = x - slope[:, None] * tl.sqrt(dist)
-            else:
-                x = x + slope[:, None] * (j - ctx).to(tl.float32)[None, :]
-        x = tl.where(allowed, x, float("-inf"))
-
-        # online softmax (log2 units); rows with nothing visible yet stay at 0
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(x - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(cache_ptr, kv_row[:, None] + DQK + dv[None, :], j_ok[:, None] & (dv[None, :] < DV))
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
-        m_i = m_new
-
     dv_ok = dv < DV
     if SPLIT:
         slot = (t_row * num_heads + h) * num_splits + split
@@ -306,42 +385,39 @@ def _reduce_kernel(
     num_splits,
     stride_o0,
     stride_o1,
-    BLOCK_H: tl.constexpr,
     DV: tl.constexpr,
-    DV_PAD: tl.constexpr,
+    D_CHUNK: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     USE_SINKS: tl.constexpr,
 ):
-    """Combine the KV splits of query row ``t`` for ``BLOCK_H`` heads (the
-    sinks join the denominator here). Rows past ``qsl[S]`` are not owned by any
-    sequence and are left untouched. Splits are summed in a fixed order."""
+    """Combine the KV splits of query row ``t``, head ``h``, for one chunk of
+    ``D_CHUNK`` value columns (grid ``(T, H, cdiv(Dv, D_CHUNK))``: enough
+    programs to hide latency even for a single sequence). The sinks join the
+    denominator here. Rows past ``qsl[S]`` are not owned by any sequence and
+    are left untouched. The sum over splits has a fixed order."""
     t = tl.program_id(0).to(tl.int64)
     if t >= tl.load(qsl_ptr + num_seqs):
         return
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = h < num_heads
-    base = (t * num_heads + h) * num_splits  # [BLOCK_H]
+    h = tl.program_id(1)
+    base = (t * num_heads + h) * num_splits
     k = tl.arange(0, SPLITS_PAD)
-    mk = h_ok[:, None] & (k[None, :] < num_splits)
-    m = tl.load(part_max_ptr + base[:, None] + k[None, :], mask=mk, other=float("-inf"))
-    l = tl.load(part_sum_ptr + base[:, None] + k[None, :], mask=mk, other=0.0)
-    m_all = tl.max(m, 1)
+    k_ok = k < num_splits
+    m = tl.load(part_max_ptr + base + k, mask=k_ok, other=float("-inf"))
+    l = tl.load(part_sum_ptr + base + k, mask=k_ok, other=0.0)
+    m_all = tl.max(m, 0)
     if USE_SINKS:
-        z = tl.load(sinks_ptr + h, mask=h_ok, other=0.0) * 1.4426950408889634
+        z = tl.load(sinks_ptr + h) * 1.4426950408889634
         m_all = tl.maximum(m_all, z)
-    denom = tl.sum(l * tl.exp2(m - m_all[:, None]), 1)  # empty splits: exp2(-inf) = 0
+    w = tl.exp2(m - m_all)  # empty or missing splits: exp2(-inf) = 0
+    denom = tl.sum(l * w, 0)
     if USE_SINKS:
         denom += tl.exp2(z - m_all)
-    dv = tl.arange(0, DV_PAD)
-    mask = h_ok[:, None] & (dv[None, :] < DV)
-    acc = tl.zeros([BLOCK_H, DV_PAD], tl.float32)
-    for i in range(num_splits):
-        w = tl.exp2(tl.load(part_max_ptr + base + i, mask=h_ok, other=float("-inf")) - m_all)
-        part = tl.load(part_out_ptr + (base + i)[:, None] * DV + dv[None, :], mask=mask, other=0.0)
-        acc += w[:, None] * part
-    out = acc / denom[:, None]
-    o_ptr = out_ptr + t * stride_o0 + h.to(tl.int64)[:, None] * stride_o1 + dv[None, :]
-    tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=mask)
+    dv = tl.program_id(2) * D_CHUNK + tl.arange(0, D_CHUNK)
+    dv_ok = dv < DV
+    part = tl.load(part_out_ptr + (base + k)[:, None] * DV + dv[None, :], mask=k_ok[:, None] & dv_ok[None, :],
+                   other=0.0)
+    out = tl.sum(part * w[:, None], 0) / denom
+    tl.store(out_ptr + t * stride_o0 + h.to(tl.int64) * stride_o1 + dv, out.to(out_ptr.dtype.element_ty), mask=dv_ok)
 
 
 INTERPRETED = type(_attention_kernel).__name__ == "InterpretedFunction"
@@ -406,7 +482,7 @@ def paged_attention(
     part_out = workspace.partial_out if split else dummy
     part_max = workspace.partial_max if split else dummy
     part_sum = workspace.partial_sum if split else dummy
-    grid = (T // plan.block_q + S, Hkv * plan.num_g_tiles, plan.num_splits)
+    grid = (Hkv * plan.num_g_tiles, T // plan.block_q + S, plan.num_splits)
     _attention_kernel[grid](
         query,
         kv_cache,
@@ -457,8 +533,8 @@ def paged_attention(
         num_stages=plan.num_stages,
     )
     if split:
-        block_h = min(triton.next_power_of_2(H), 16)
-        _reduce_kernel[(T, triton.cdiv(H, block_h))](
+        d_chunk = min(plan.dv_pad, 64)
+        _reduce_kernel[(T, H, triton.cdiv(Dv, d_chunk))](
             out,
             part_out,
             part_max,
@@ -470,12 +546,11 @@ def paged_attention(
             plan.num_splits,
             out.stride(0),
             out.stride(1),
-            BLOCK_H=block_h,
             DV=Dv,
-            DV_PAD=plan.dv_pad,
+            D_CHUNK=d_chunk,
             SPLITS_PAD=plan.splits_pad,
             USE_SINKS=sinks is not None,
-            num_warps=4,
+            num_warps=2,
         )
     return out
 
