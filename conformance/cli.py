@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"diffkv-conformance: {len(checks)} checks on {ctx.backend_ref} ({ctx.device.type}, profile "
               f"{ctx.profile.name})", file=sys.stderr, flush=True)
-    report = run_suite(ctx.backend, ctx.device, ctx.profile, checks=[c.check_id for c in checks],
-                       dtypes=args.dtypes, seed=args.seed, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="diffkv-conformance-") as scratch:
+        if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+            # hypothesis caches literals under ./.hypothesis; keep the user's directory clean
+            from hypothesis.configuration import set_hypothesis_home_dir
+
+            set_hypothesis_home_dir(scratch)
+        report = run_suite(ctx.backend, ctx.device, ctx.profile, checks=[c.check_id for c in checks],
+                           dtypes=args.dtypes, seed=args.seed, progress=progress)
     report.backend = ctx.backend_ref
     print(format_report(report))
     if args.report:
