@@ -308,3 +308,25 @@ def test_profiling_run_and_empty_batches():
     assert (out == 0).all()
     out = run_kernel(batch)
     assert torch.isnan(out).all(), "a batch of q_len = 0 sequences wrote output rows"
+
+
+@pytest.mark.parametrize("features", [LayerFeatures(), LayerFeatures(sliding_window=5, sinks=True, alibi="linear")],
+                         ids=["plain", "window_sinks_alibi"])
+def test_mixed_batch_runs_decodes_and_prefills_with_their_own_tiles(features, monkeypatch):
+    """A batch mixing decodes (q_len <= 8) and a longer chunk goes through two
+    launches, one per class of sequences; together they write every owned row
+    exactly as the reference and nothing else."""
+    from diffkv.triton.kernels import attention as tk
+
+    launches = []
+    real_launch = tk._launch
+    monkeypatch.setattr(tk, "_launch", lambda *a, **k: launches.append(k["q_len_range"]) or real_launch(*a, **k))
+    spec = BatchSpec(seqs=(SeqShape(1, 30), SeqShape(20, 17), SeqShape(0, 4), SeqShape(3, 9), SeqShape(12, 0)),
+                     num_heads=4, num_kv_heads=2, head_size=32, head_size_v=32, dtype=torch.float16, padding_rows=2,
+                     seed=21)
+    batch = make_batch(spec, features)
+    check_output(run_class_api(batch), batch, what="mixed, class API")
+    assert len(launches) == 2 and launches[0][1] < launches[1][0], launches
+    launches.clear()
+    check_output(run_functional(batch), batch, what="mixed, functional")
+    assert len(launches) == 2, launches

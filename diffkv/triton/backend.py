@@ -43,6 +43,20 @@ class TritonMetadataBuilder(DiffKVMetadataBuilder):
     def make_workspace(self, common: CommonAttentionMetadata) -> Workspace:
         return self.workspace
 
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> DiffKVMetadata:
+        """As the base builder, plus ``extra["num_decode_seqs"]``: how many
+        sequences have at most ``launch.DECODE_MAX_QUERY_LEN`` new tokens,
+        counted on the host copy of ``query_start_loc`` when there is one (a
+        mixed batch then runs decodes and prefills with their own tiles)."""
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        qsl = common_attn_metadata.query_start_loc_cpu
+        if qsl is not None and qsl.device.type == "cpu":
+            n = common_attn_metadata.num_reqs
+            q_lens = qsl[1 : n + 1] - qsl[:n]
+            md.extra["num_decode_seqs"] = int((q_lens <= launch.DECODE_MAX_QUERY_LEN).sum())
+        return md
+
 
 class TritonImpl(DiffKVImpl):
     """Triton kernels for one layer.
@@ -79,6 +93,7 @@ class TritonImpl(DiffKVImpl):
             max_seq_len=metadata.max_seq_len,
             workspace=workspace,
             num_splits=self.num_splits,
+            num_decode_seqs=metadata.extra.get("num_decode_seqs") if self.num_splits is None else None,
         )
 
 
@@ -156,10 +171,13 @@ class TritonBackend(DiffKVBackend):
         budget = max(1, launch.split_rows_capacity(T) // max(1, T))
         plan = _attention.plan_for(query, kv_cache, seq_lens, block_table, num_splits=num_splits, max_splits=budget)
         workspace = Workspace.allocate(T * plan.num_splits, H, Dv, dev) if plan.num_splits > 1 else None
+        q_lens = (query_start_loc[1:] - query_start_loc[:-1]).cpu()
+        max_q = int(q_lens.max()) if q_lens.numel() else 0
         return _attention.paged_attention(
             query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
             sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
             use_alibi_sqrt=use_alibi_sqrt, sinks=sinks, workspace=workspace, num_splits=plan.num_splits,
+            max_query_len=max_q, num_decode_seqs=int((q_lens <= launch.DECODE_MAX_QUERY_LEN).sum()),
         )
 
     @classmethod

@@ -121,6 +121,8 @@ class LaunchPlan:
         num_splits: KV splits (1 = single pass, writes the output directly).
         splits_pad: next power of two of num_splits (reduce kernel).
         num_warps, num_stages: attention kernel launch options.
+        phased: visit interior KV tiles through the mask-free path (prefill
+            regime; decode programs visit few tiles, one masked loop is faster).
     """
 
     block_q: int
@@ -135,6 +137,13 @@ class LaunchPlan:
     splits_pad: int
     num_warps: int
     num_stages: int
+    phased: bool = True
+
+
+WINDOW_DECODE_BLOCK_N = 32
+"""KV tile of windowed decodes: a window of W keys straddles at most
+``W + BLOCK_N - 1`` keys of tiles, so small tiles keep the bytes read close to
+the window's own."""
 
 
 def next_pow2(n: int) -> int:
@@ -198,6 +207,7 @@ def plan_attention(
     num_sms: int,
     max_splits: int,
     num_splits: int | None = None,
+    sliding_window: int | None = None,
 ) -> LaunchPlan:
     """Choose tiles and the KV split count.
 
@@ -212,6 +222,8 @@ def plan_attention(
             (1 = no workspace, single pass).
         num_splits: force a split count (tests, tuning); clamped to
             ``max_splits``.
+        sliding_window: W keys, if the layer has a window (decode tiles
+            shrink so the bytes read stay close to the window's).
     """
     G = num_heads // num_kv_heads
     regime = "decode" if max_query_len <= DECODE_MAX_QUERY_LEN else "prefill"
@@ -230,11 +242,14 @@ def plan_attention(
         block_q = 16 // g_tile
         block_m = 16
     d1, d2 = split_head_dim(head_size)
+    block_n = cfg.block_n
+    if regime == "decode" and sliding_window is not None and sliding_window <= 16 * WINDOW_DECODE_BLOCK_N:
+        block_n = min(block_n, WINDOW_DECODE_BLOCK_N)
 
     if num_splits is None:
         q_tiles = min(num_seqs * math.ceil(max(1, max_query_len) / block_q), num_tokens // block_q + num_seqs)
         programs = max(1, q_tiles * num_kv_heads * num_g_tiles)
-        kv_tiles = math.ceil(max(1, max_seq_len) / cfg.block_n)
+        kv_tiles = math.ceil(max(1, max_seq_len) / block_n)
         target = num_sms * TARGET_WAVES
         splits = 1
         if programs < target:
@@ -248,7 +263,7 @@ def plan_attention(
         g_tile=g_tile,
         num_g_tiles=num_g_tiles,
         block_m=block_m,
-        block_n=cfg.block_n,
+        block_n=block_n,
         d1=d1,
         d2=d2,
         dv_pad=next_pow2(head_size_v),
@@ -256,6 +271,7 @@ def plan_attention(
         splits_pad=next_pow2(splits),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        phased=regime == "prefill",
     )
 
 

@@ -225,6 +225,8 @@ def _attention_kernel(
     num_heads,
     num_bt_cols,
     num_splits,
+    q_len_lo,  # sequences with q_len outside [q_len_lo, q_len_hi] are left to another launch
+    q_len_hi,
     qk_scale,  # scale * log2(e); scale / softcap with USE_SOFTCAP
     softcap_log2,  # softcap * log2(e)
     window,  # sliding window W (keys), USE_WINDOW
@@ -255,6 +257,7 @@ def _attention_kernel(
     USE_SINKS: tl.constexpr,
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
+    PHASED: tl.constexpr,  # mask-free path for interior tiles
 ):
     # grid (Hkv * NUM_G_TILES, query tiles, splits): heads vary fastest so the
     # programs sharing K/V run together; query tiles run last-first, so in a
@@ -278,6 +281,8 @@ def _attention_kernel(
     q_len = tl.load(qsl_ptr + s + 1) - q_start
     q0 = (pid_q - (q_start // BLOCK_Q + s)) * BLOCK_Q
     if q0 >= q_len:
+        return
+    if (q_len < q_len_lo) | (q_len > q_len_hi):  # this launch serves one class of sequences
         return
     seq_len = tl.load(seq_lens_ptr + s)
     ctx = seq_len - q_len  # context_len: keys before the first new token
@@ -330,28 +335,35 @@ def _attention_kernel(
     # interior tiles [int_lo, int_hi): every key visible to every row of the
     # program (keys <= first row's position, and inside the window of the last
     # row) -- no masks there; the edges go through the masked path
-    int_hi = (ctx + q0 + 1) // BLOCK_N
-    if USE_WINDOW:
-        int_lo = (tl.maximum(ctx + q_last - window, 0) + BLOCK_N - 1) // BLOCK_N
+    if PHASED:
+        int_hi = (ctx + q0 + 1) // BLOCK_N
+        if USE_WINDOW:
+            int_lo = (tl.maximum(ctx + q_last - window, 0) + BLOCK_N - 1) // BLOCK_N
+        else:
+            int_lo = tile_begin * 0
+        int_lo = tl.minimum(tl.maximum(int_lo, tile_begin), tile_end)
+        int_hi = tl.maximum(tl.minimum(int_hi, tile_end), int_lo)
+        for tile in range(tile_begin, int_lo):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+                USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
+        for tile in range(int_lo, int_hi):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+                USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, False)
+        for tile in range(int_hi, tile_end):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+                USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
     else:
-        int_lo = tile_begin * 0
-    int_lo = tl.minimum(tl.maximum(int_lo, tile_begin), tile_end)
-    int_hi = tl.maximum(tl.minimum(int_hi, tile_end), int_lo)
-    for tile in range(tile_begin, int_lo):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-            qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
-            USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
-    for tile in range(int_lo, int_hi):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-            qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
-            USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, False)
-    for tile in range(int_hi, tile_end):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-            qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
-            USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
+        for tile in range(tile_begin, tile_end):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV,
+                DV_PAD, USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
 
     dv = tl.arange(0, DV_PAD)
     dv_ok = dv < DV
@@ -448,6 +460,7 @@ def paged_attention(
     max_seq_len: int | None = None,
     workspace: Workspace | None = None,
     num_splits: int | None = None,
+    num_decode_seqs: int | None = None,
 ) -> torch.Tensor:
     """Launch DiffKV paged attention. Inputs are assumed checked
     (:mod:`diffkv.validation`); nothing is read back from the device and
@@ -464,6 +477,10 @@ def paged_attention(
         workspace: split-KV scratch; None = single pass.
         num_splits: force a KV split count (clamped to what the workspace
             holds).
+        num_decode_seqs: host count of sequences with ``q_len <=
+            DECODE_MAX_QUERY_LEN`` (from the builder's host copies). When a batch
+            mixes them with longer queries, each class runs with its own
+            tiles (two launches); None = one launch with the prefill tiles.
 
     Returns:
         out (rows ``t < query_start_loc[S]`` written, the rest untouched).
@@ -474,8 +491,54 @@ def paged_attention(
     S = seq_lens.shape[0]
     if T == 0 or S == 0:
         return out
+    if (num_decode_seqs is not None and 0 < num_decode_seqs < S and max_query_len is not None
+            and max_query_len > launch.DECODE_MAX_QUERY_LEN):
+        # mixed batch: decodes and prefills each get their own tiles (two
+        # launches over the same shape-derived grid, each program serving only
+        # its class of sequences); the decode launch runs unsplit so that no
+        # reduce touches prefill rows
+        dec = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=launch.DECODE_MAX_QUERY_LEN,
+                       max_seq_len=max_seq_len, workspace=None, sliding_window=sliding_window)
+        pre = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
+                       workspace=None, sliding_window=sliding_window)
+        common = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
+                      use_alibi_sqrt=use_alibi_sqrt, sinks=sinks)
+        _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, dec, None,
+                q_len_range=(0, launch.DECODE_MAX_QUERY_LEN), **common)
+        _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, pre, None,
+                q_len_range=(launch.DECODE_MAX_QUERY_LEN + 1, 2**31 - 1), **common)
+        return out
     plan = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
-                    workspace=workspace, num_splits=num_splits)
+                    workspace=workspace, num_splits=num_splits, sliding_window=sliding_window)
+    return _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, plan, workspace, scale=scale,
+                   sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
+                   use_alibi_sqrt=use_alibi_sqrt, sinks=sinks, q_len_range=(0, 2**31 - 1))
+
+
+def _launch(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    out: torch.Tensor,
+    plan: launch.LaunchPlan,
+    workspace: Workspace | None,
+    *,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
+    alibi_slopes: torch.Tensor | None,
+    use_alibi_sqrt: bool,
+    sinks: torch.Tensor | None,
+    q_len_range: tuple[int, int],
+) -> torch.Tensor:
+    """One attention launch (+ reduce when split) for the sequences whose
+    ``q_len`` lies in ``q_len_range``."""
+    T, H, Dqk = query.shape
+    block_size, Hkv = kv_cache.shape[1], kv_cache.shape[2]
+    Dv = kv_cache.shape[3] - Dqk
+    S = seq_lens.shape[0]
     use_softcap = softcap is not None and softcap > 0
     split = plan.num_splits > 1
     dummy = query  # never dereferenced when its feature flag is off
@@ -499,6 +562,8 @@ def paged_attention(
         H,
         block_table.shape[1],
         plan.num_splits,
+        q_len_range[0],
+        q_len_range[1],
         float(scale / softcap if use_softcap else scale * LOG2E),
         float(softcap * LOG2E if use_softcap else 0.0),
         int(sliding_window or 0),
@@ -529,6 +594,7 @@ def paged_attention(
         USE_SINKS=sinks is not None,
         SPLIT=split,
         IEEE=query.dtype == torch.float32,
+        PHASED=plan.phased,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
@@ -566,6 +632,7 @@ def plan_for(
     workspace: Workspace | None = None,
     num_splits: int | None = None,
     max_splits: int | None = None,
+    sliding_window: int | None = None,
 ) -> launch.LaunchPlan:
     """The launch plan :func:`paged_attention` uses for these arguments, from
     shapes and host ints only (also for tests and benchmarks).
@@ -599,4 +666,5 @@ def plan_for(
         max_splits=max_splits if max_splits is not None else (
             1 if workspace is None else workspace.max_splits(T, H, Dv)),
         num_splits=num_splits,
+        sliding_window=sliding_window,
     )
