@@ -54,7 +54,9 @@ class TritonMetadataBuilder(DiffKVMetadataBuilder):
         if qsl is not None and qsl.device.type == "cpu":
             n = common_attn_metadata.num_reqs
             q_lens = qsl[1 : n + 1] - qsl[:n]
-            md.extra["num_decode_seqs"] = int((q_lens <= launch.DECODE_MAX_QUERY_LEN).sum())
+            is_decode = q_lens <= launch.DECODE_MAX_QUERY_LEN
+            md.extra["num_decode_seqs"] = int(is_decode.sum())
+            md.extra["max_decode_query_len"] = int(q_lens[is_decode].max()) if is_decode.any() else 0
         return md
 
 
@@ -94,6 +96,7 @@ class TritonImpl(DiffKVImpl):
             workspace=workspace,
             num_splits=self.num_splits,
             num_decode_seqs=metadata.extra.get("num_decode_seqs") if self.num_splits is None else None,
+            max_decode_query_len=metadata.extra.get("max_decode_query_len"),
         )
 
 
@@ -173,11 +176,13 @@ class TritonBackend(DiffKVBackend):
         workspace = Workspace.allocate(T * plan.num_splits, H, Dv, dev) if plan.num_splits > 1 else None
         q_lens = (query_start_loc[1:] - query_start_loc[:-1]).cpu()
         max_q = int(q_lens.max()) if q_lens.numel() else 0
+        decode_q_lens = q_lens[q_lens <= launch.DECODE_MAX_QUERY_LEN]
         return _attention.paged_attention(
             query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
             sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
             use_alibi_sqrt=use_alibi_sqrt, sinks=sinks, workspace=workspace, num_splits=plan.num_splits,
-            max_query_len=max_q, num_decode_seqs=int((q_lens <= launch.DECODE_MAX_QUERY_LEN).sum()),
+            max_query_len=max_q, num_decode_seqs=int(decode_q_lens.numel()),
+            max_decode_query_len=int(decode_q_lens.max()) if decode_q_lens.numel() else 0,
         )
 
     @classmethod

@@ -64,6 +64,9 @@ class TileConfig:
         block_n: KV tokens per tile (a tile may span several cache pages).
         num_warps, num_stages: Triton launch options.
         min_tiles_per_split: a KV split gets at least this many tiles.
+        max_g_tile: at most this many query heads of one KV head share a
+            program (GQA packing); 1 = one head per program, all rows from
+            consecutive query tokens.
     """
 
     block_m: int
@@ -71,6 +74,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     min_tiles_per_split: int = 4
+    max_g_tile: int = 128
 
 
 # (arch, regime, dtype class, head class) -> TileConfig, refined by
@@ -229,7 +233,7 @@ def plan_attention(
     regime = "decode" if max_query_len <= DECODE_MAX_QUERY_LEN else "prefill"
     cfg = lookup_config(arch, regime, dtype, head_size, head_size_v)
     g_pad = next_pow2(G)
-    g_tile = min(g_pad, MAX_G_TILE)
+    g_tile = min(g_pad, MAX_G_TILE, cfg.max_g_tile)
     num_g_tiles = math.ceil(G / g_tile)
     if regime == "decode":
         want_q = next_pow2(max(1, max_query_len))

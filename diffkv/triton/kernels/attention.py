@@ -461,6 +461,7 @@ def paged_attention(
     workspace: Workspace | None = None,
     num_splits: int | None = None,
     num_decode_seqs: int | None = None,
+    max_decode_query_len: int | None = None,
 ) -> torch.Tensor:
     """Launch DiffKV paged attention. Inputs are assumed checked
     (:mod:`diffkv.validation`); nothing is read back from the device and
@@ -481,6 +482,8 @@ def paged_attention(
             DECODE_MAX_QUERY_LEN`` (from the builder's host copies). When a batch
             mixes them with longer queries, each class runs with its own
             tiles (two launches); None = one launch with the prefill tiles.
+        max_decode_query_len: host bound of those sequences' ``q_len`` (sizes
+            the decode tiles of a mixed batch; default DECODE_MAX_QUERY_LEN).
 
     Returns:
         out (rows ``t < query_start_loc[S]`` written, the rest untouched).
@@ -497,7 +500,8 @@ def paged_attention(
         # launches over the same shape-derived grid, each program serving only
         # its class of sequences); the decode launch runs unsplit so that no
         # reduce touches prefill rows
-        dec = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=launch.DECODE_MAX_QUERY_LEN,
+        dec = plan_for(query, kv_cache, seq_lens, block_table,
+                       max_query_len=max_decode_query_len or launch.DECODE_MAX_QUERY_LEN,
                        max_seq_len=max_seq_len, workspace=None, sliding_window=sliding_window)
         pre = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
                        workspace=None, sliding_window=sliding_window)
