@@ -482,27 +482,24 @@ def malformed_case(ctx: Context, m: Malformed) -> None:
     _check_untouched(m.feature, watch, before, doing)
 
 
+def _malformed_check(m: Malformed) -> Check:
+    def run(c: Context):
+        try:
+            malformed_case(c, m)
+        except CaseFailure as e:
+            return result(check, Status.FAIL, str(e), cases=1,
+                          reproducer=f"from conformance import reproduce\nreproduce({c.backend_ref!r}, "
+                                     f"{m.check_id!r}, device={c.device.type!r})")
+        return result(check, Status.PASS, "ValueError naming the argument; output and cache untouched", cases=1)
+
+    check = Check(m.check_id, SEC_BAD, m.feature, run=run, description=f"malformed input: {m.feature}")
+    return check
+
+
 def malformed_checks(ctx: Context) -> list[Check]:
     if not ctx.plan.runnable:
         return []
-    checks = []
-    for m in MALFORMED:
-        if not m.when(ctx):
-            continue
-
-        def run(c, m=m):
-            chk = by_id[m.check_id]
-            try:
-                malformed_case(c, m)
-            except CaseFailure as e:
-                return result(chk, Status.FAIL, str(e), cases=1,
-                              reproducer=f"from conformance import reproduce\nreproduce({c.backend_ref!r}, "
-                                         f"{m.check_id!r}, device={c.device.type!r})")
-            return result(chk, Status.PASS, "ValueError naming the argument; output and cache untouched", cases=1)
-
-        checks.append(Check(m.check_id, SEC_BAD, m.feature, run=run))
-    by_id = {c.check_id: c for c in checks}
-    return checks
+    return [_malformed_check(m) for m in MALFORMED if m.when(ctx)]
 
 
 __all__ = ["MALFORMED", "malformed_checks", "unsupported_checks"]
