@@ -256,7 +256,7 @@ def plan_attention(
         kv_tiles = math.ceil(max(1, max_seq_len) / block_n)
         target = num_sms * TARGET_WAVES
         splits = 1
-        if programs < target:
+        if programs < num_sms:  # less than one wave: split (measured: at ~2 waves splitting only adds the reduce)
             splits = min(math.ceil(target / programs), kv_tiles // max(1, cfg.min_tiles_per_split), MAX_SPLITS)
             splits = prev_pow2(max(1, splits))
     else:
