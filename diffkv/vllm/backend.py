@@ -308,11 +308,17 @@ class DiffKVVllmImpl(AttentionImpl[DiffKVMetadata]):
     def _vllm_option_reasons(kv_cache_dtype: str, chunk_lookback: int, attn_type: str) -> list[str]:
         """vLLM-specific options diffkv's kernels do not implement, in vLLM's wording."""
         reasons = []
-        if get_kv_quant_mode(kv_cache_dtype).is_per_token_head:
+        if not isinstance(kv_cache_dtype, str):
+            raise InvalidInputError(f"kv_cache_dtype={kv_cache_dtype!r}; expected a string such as 'auto'")
+        try:
+            mode = get_kv_quant_mode(kv_cache_dtype)
+        except (KeyError, ValueError):  # a name vLLM does not know either
+            mode = None
+        if mode is not None and mode.is_per_token_head:
             reasons.append(
                 f"{BACKEND_NAME} does not support per-token-head quantization (got kv_cache_dtype={kv_cache_dtype!r})."
             )
-        elif is_quantized_kv_cache(kv_cache_dtype):
+        elif mode is not None and is_quantized_kv_cache(kv_cache_dtype):
             reasons.append(
                 f"{BACKEND_NAME} does not yet support quantized KV cache (got kv_cache_dtype={kv_cache_dtype!r}); "
                 "use kv_cache_dtype='auto'."
