@@ -863,6 +863,12 @@ def test_process_weights_after_loading_refreshes_sinks():
     layer.impl.forward(layer, batch.query, None, None, view, md, batch.fresh_out())
     sinks.copy_(torch.linspace(-3, 3, sinks.shape[0]).to(DTYPE))  # weight reload (in place)
     layer.process_weights_after_loading(DTYPE)
+    # fp32 copies made now, on the weights' device (not in a later, possibly captured, forward),
+    # and shared by the layer's diffkv impls whatever their Dv
+    impl = layer.impl
+    assert list(impl._device_params) == [CPU]
+    assert torch.equal(impl._device_params[CPU][1], sinks.float())
+    assert impl._impl_for(64, CPU)._device_params is impl._device_params
     out = batch.fresh_out()
     layer.impl.forward(layer, batch.query, None, None, view, md, out)
     batch.sinks = sinks.float()

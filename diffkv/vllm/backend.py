@@ -297,6 +297,9 @@ class DiffKVVllmImpl(AttentionImpl[DiffKVMetadata]):
             use_alibi_sqrt=use_alibi_sqrt,
         )
         self._impls: dict[tuple[int, str], DiffKVImpl] = {}
+        # per-device fp32 copies of alibi slopes / sinks, shared by all diffkv
+        # impls of this layer (same parameters whatever the Dv)
+        self._device_params: dict[torch.device, tuple[Any, Any]] = {}
         try:  # validate now (vLLM builds layers at model init), on the device vLLM will use
             self._impl_for(head_size_v, _default_device())
         except UnsupportedConfigError as e:
@@ -383,6 +386,7 @@ class DiffKVVllmImpl(AttentionImpl[DiffKVMetadata]):
         impl = self._impls.get(key)
         if impl is None:
             impl = kernel_backend_for(device).get_impl_cls()(**self._layer_kwargs, head_size_v=head_size_v)
+            impl._device_params = self._device_params
             self._impls[key] = impl
         return impl
 
@@ -398,10 +402,20 @@ class DiffKVVllmImpl(AttentionImpl[DiffKVMetadata]):
         return self._impl_for(head_size_v, device)
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
-        """Weights (e.g. sinks) were (re)loaded in place: drop the per-device
-        fp32 copies the diffkv impls keep, so the next call takes fresh ones."""
-        for impl in self._impls.values():
-            impl._device_params.clear()
+        """Weights (e.g. sinks) were (re)loaded in place: refresh the per-device
+        fp32 copies of sinks / ALiBi slopes now, on the device of the weights,
+        so that no forward (e.g. the first one, inside CUDA-graph capture)
+        has to copy them."""
+        self._device_params.clear()
+        if self.sinks is None and self.alibi_slopes is None:
+            return
+        if isinstance(self.sinks, torch.Tensor) and self.sinks.device.type != "meta":
+            device = self.sinks.device
+        else:
+            device = _default_device()
+            if device.type == "cuda":
+                device = torch.device("cuda", torch.cuda.current_device())
+        self._impl_for(self.head_size_v, device)._params_on(device)
 
     def do_kv_cache_update(
         self,
