@@ -144,7 +144,7 @@ class LaunchPlan:
     phased: bool = True
 
 
-WINDOW_DECODE_BLOCK_N = 32
+WINDOW_DECODE_BLOCK_N = 64
 """KV tile of windowed decodes: a window of W keys straddles at most
 ``W + BLOCK_N - 1`` keys of tiles, so small tiles keep the bytes read close to
 the window's own."""
