@@ -330,3 +330,22 @@ def test_mixed_batch_runs_decodes_and_prefills_with_their_own_tiles(features, mo
     launches.clear()
     check_output(run_functional(batch), batch, what="mixed, functional")
     assert len(launches) == 2, launches
+
+
+def test_mixed_launches_partition_sequences_for_any_metadata_values():
+    """The two launches of a mixed batch are planned from host hints taken at
+    build (or CUDA-graph capture) time; replayed with other query lengths --
+    here decodes become 5-token drafts and a prefill shrinks -- every owned row
+    must still be computed exactly once, by one of the two launches."""
+    from diffkv.triton.kernels import attention as tk
+
+    captured = dict(max_query_len=20, num_decode_seqs=2, max_decode_query_len=1)
+    # 8 query heads per KV head: decode tiles hold 2 tokens, so 5-token drafts need the other launch
+    replayed = BatchSpec(seqs=(SeqShape(5, 30), SeqShape(17, 6), SeqShape(5, 9), SeqShape(3, 0)), num_heads=16,
+                         num_kv_heads=2, head_size=32, head_size_v=32, dtype=torch.float16, padding_rows=1, seed=4)
+    batch = make_batch(replayed, LayerFeatures(sinks=True))
+    slopes, sinks = batch.alibi_slopes, batch.sinks
+    out = batch.fresh_out()
+    tk.paged_attention(batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_table, out,
+                       scale=batch.scale, sinks=sinks, alibi_slopes=slopes, max_seq_len=40, **captured)
+    check_output(out, batch, what="mixed launches with stale host hints")

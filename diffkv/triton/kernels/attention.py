@@ -3,13 +3,20 @@
 One launch path serves any mix of full prefills, chunked prefills, multi-token
 (speculative) decodes, single-token decodes and ``q_len = 0`` sequences.
 
-Grid of :func:`_attention_kernel`: ``(T // BLOCK_Q + S, Hkv * num_g_tiles,
-num_splits)``, derived from shapes only. Sequence ``s`` owns the query tiles
-``[qsl[s] // BLOCK_Q + s, qsl[s+1] // BLOCK_Q + s + 1)`` -- disjoint ranges
-that hold at least ``ceil(q_len / BLOCK_Q)`` tiles -- so each program finds its
-sequence by a binary search over ``query_start_loc`` and returns at once if
-its tile is past the sequence's queries. No metadata value is read on the
-host.
+Grid of :func:`_attention_kernel`: ``(Hkv * num_g_tiles, T // BLOCK_Q + S,
+num_splits)``, derived from shapes only (heads vary fastest; query tiles run
+last-first so the heaviest causal tiles start first). Sequence ``s`` owns the
+query tiles ``[qsl[s] // BLOCK_Q + s, qsl[s+1] // BLOCK_Q + s + 1)`` --
+disjoint ranges that hold at least ``ceil(q_len / BLOCK_Q)`` tiles -- so each
+program finds its sequence by a binary search over ``query_start_loc`` and
+returns at once if its tile is past the sequence's queries. No metadata value
+is read on the host.
+
+Mixed batches (decodes and longer queries, known from the builder's host
+copies) run as two launches over the same kind of grid, each serving one
+class of sequences by ``q_len``: the decode launch with small row tiles, the
+other with prefill tiles. The classes partition the sequences for any
+metadata values, so a captured CUDA graph stays correct on replay.
 
 Rows of a program: ``BLOCK_M = BLOCK_Q x G_TILE``, row ``r`` is query token
 ``q0 + r // G_TILE`` of the sequence and query head ``kvh * G + g_base +
@@ -243,6 +250,7 @@ def _attention_kernel(
     G_TILE: tl.constexpr,  # query heads per program (power of two)
     NUM_G_TILES: tl.constexpr,
     BLOCK_Q: tl.constexpr,
+    IDX_Q: tl.constexpr,  # query tokens per tile index (>= BLOCK_Q; > only for a launch of short queries)
     BLOCK_M: tl.constexpr,  # BLOCK_Q * G_TILE
     BLOCK_N: tl.constexpr,
     DQK: tl.constexpr,
@@ -272,16 +280,19 @@ def _attention_kernel(
     hi = lo + num_seqs - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        start = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        start = tl.load(qsl_ptr + mid) // IDX_Q + mid
         go_right = start <= pid_q
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid - 1)
     s = lo
     q_start = tl.load(qsl_ptr + s)
     q_len = tl.load(qsl_ptr + s + 1) - q_start
-    q0 = (pid_q - (q_start // BLOCK_Q + s)) * BLOCK_Q
+    q0 = (pid_q - (q_start // IDX_Q + s)) * IDX_Q
     if q0 >= q_len:
         return
+    if IDX_Q > BLOCK_Q:  # a tile serves rows [q0, q0 + BLOCK_Q) only: longer queries belong to another launch
+        if q_len > BLOCK_Q:
+            return
     if (q_len < q_len_lo) | (q_len > q_len_hi):  # this launch serves one class of sequences
         return
     seq_len = tl.load(seq_lens_ptr + s)
@@ -507,10 +518,15 @@ def paged_attention(
                        workspace=None, sliding_window=sliding_window)
         common = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
                       use_alibi_sqrt=use_alibi_sqrt, sinks=sinks)
+        # the decode launch indexes tiles as coarsely as the prefill launch (its
+        # grid is as small), serving q_len <= dec.block_q; the prefill launch
+        # serves the rest -- a partition of the sequences whatever the
+        # metadata values are at a CUDA-graph replay
+        idx_q = max(pre.block_q, dec.block_q)
         _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, dec, None,
-                q_len_range=(0, launch.DECODE_MAX_QUERY_LEN), **common)
+                q_len_range=(0, dec.block_q), idx_q=idx_q, **common)
         _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, pre, None,
-                q_len_range=(launch.DECODE_MAX_QUERY_LEN + 1, 2**31 - 1), **common)
+                q_len_range=(dec.block_q + 1, 2**31 - 1), **common)
         return out
     plan = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
                     workspace=workspace, num_splits=num_splits, sliding_window=sliding_window)
@@ -536,9 +552,14 @@ def _launch(
     use_alibi_sqrt: bool,
     sinks: torch.Tensor | None,
     q_len_range: tuple[int, int],
+    idx_q: int | None = None,
 ) -> torch.Tensor:
     """One attention launch (+ reduce when split) for the sequences whose
-    ``q_len`` lies in ``q_len_range``."""
+    ``q_len`` lies in ``q_len_range``. ``idx_q`` (>= plan.block_q) is the
+    number of query tokens per tile index; larger than ``plan.block_q`` only
+    when every served query fits one tile (``q_len_range[1] <= plan.block_q``)."""
+    idx_q = idx_q or plan.block_q
+    assert idx_q == plan.block_q or q_len_range[1] <= plan.block_q, (idx_q, plan.block_q, q_len_range)
     T, H, Dqk = query.shape
     block_size, Hkv = kv_cache.shape[1], kv_cache.shape[2]
     Dv = kv_cache.shape[3] - Dqk
@@ -549,7 +570,7 @@ def _launch(
     part_out = workspace.partial_out if split else dummy
     part_max = workspace.partial_max if split else dummy
     part_sum = workspace.partial_sum if split else dummy
-    grid = (Hkv * plan.num_g_tiles, T // plan.block_q + S, plan.num_splits)
+    grid = (Hkv * plan.num_g_tiles, T // idx_q + S, plan.num_splits)
     _attention_kernel[grid](
         query,
         kv_cache,
@@ -584,6 +605,7 @@ def _launch(
         G_TILE=plan.g_tile,
         NUM_G_TILES=plan.num_g_tiles,
         BLOCK_Q=plan.block_q,
+        IDX_Q=idx_q,
         BLOCK_M=plan.block_m,
         BLOCK_N=plan.block_n,
         DQK=Dqk,
