@@ -170,19 +170,33 @@ def test_bitwise_deterministic(batch_class):
 
 
 # ----------------------------------------------------------------- CUDA graph
-def test_cuda_graph_capture_and_replay_with_new_metadata():
+GRAPH_COMPOSITIONS = {
+    # captured as a decode batch (T = 8, S = 4), replayed with other compositions
+    "decode_captured": [
+        (SeqShape(1, 100), SeqShape(4, 50), SeqShape(1, 10), SeqShape(2, 300)),
+        (SeqShape(2, 700), SeqShape(1, 3), SeqShape(5, 20), SeqShape(0, 9)),
+        (SeqShape(8, 0), SeqShape(0, 5), SeqShape(0, 2), SeqShape(0, 1000)),
+        (SeqShape(1, 2000), SeqShape(1, 1), SeqShape(1, 64), SeqShape(5, 1500)),
+    ],
+    # captured as a mixed batch (two launches on two streams; T = 16, S = 4)
+    "mixed_captured": [
+        (SeqShape(12, 50), SeqShape(1, 100), SeqShape(1, 10), SeqShape(2, 300)),
+        (SeqShape(1, 700), SeqShape(1, 3), SeqShape(9, 20), SeqShape(5, 9)),
+        (SeqShape(16, 0), SeqShape(0, 5), SeqShape(0, 2), SeqShape(0, 1000)),
+        (SeqShape(4, 2000), SeqShape(4, 1), SeqShape(4, 64), SeqShape(4, 1500)),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(GRAPH_COMPOSITIONS))
+def test_cuda_graph_capture_and_replay_with_new_metadata(name):
     """Capture the forward once; replay it after writing new values into the
     same query / metadata / cache tensors (other batch compositions, same
     T and S). No host sync may happen inside (capture would fail)."""
     from diffkv.triton.backend import TritonBackend
 
     features = LayerFeatures(sinks=True, sliding_window=500, alibi="linear")
-    comps = [
-        (SeqShape(1, 100), SeqShape(4, 50), SeqShape(1, 10), SeqShape(2, 300)),
-        (SeqShape(2, 700), SeqShape(1, 3), SeqShape(5, 20), SeqShape(0, 9)),
-        (SeqShape(8, 0), SeqShape(0, 5), SeqShape(0, 2), SeqShape(0, 1000)),
-        (SeqShape(1, 2000), SeqShape(1, 1), SeqShape(1, 64), SeqShape(5, 1500)),
-    ]
+    comps = GRAPH_COMPOSITIONS[name]
     batches = [gpu_batch(spec(c, seed=i), features) for i, c in enumerate(comps)]
     for b in batches[1:]:
         b.alibi_slopes, b.sinks = batches[0].alibi_slopes, batches[0].sinks  # one layer

@@ -523,16 +523,42 @@ def paged_attention(
         # serves the rest -- a partition of the sequences whatever the
         # metadata values are at a CUDA-graph replay
         idx_q = max(pre.block_q, dec.block_q)
-        _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, dec, None,
-                q_len_range=(0, dec.block_q), idx_q=idx_q, **common)
+        side = _side_stream(query.device)
+        if side is not None:
+            # the memory-bound decode launch overlaps the compute-bound prefill
+            # launch (fork/join on a side stream; capturable in a CUDA graph)
+            main = torch.cuda.current_stream(query.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, dec, None,
+                        q_len_range=(0, dec.block_q), idx_q=idx_q, **common)
+        else:
+            _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, dec, None,
+                    q_len_range=(0, dec.block_q), idx_q=idx_q, **common)
         _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, pre, None,
                 q_len_range=(dec.block_q + 1, 2**31 - 1), **common)
+        if side is not None:
+            main.wait_stream(side)
         return out
     plan = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
                     workspace=workspace, num_splits=num_splits, sliding_window=sliding_window)
     return _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, plan, workspace, scale=scale,
                    sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
                    use_alibi_sqrt=use_alibi_sqrt, sinks=sinks, q_len_range=(0, 2**31 - 1))
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """A second stream per CUDA device (created on first use, never at
+    import) for the decode half of a mixed batch; None off CUDA."""
+    if device.type != "cuda" or INTERPRETED:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
 
 
 def _launch(
