@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 
 import diffkv
-from diffkv.testing import BatchSpec, LayerFeatures, SeqShape, make_batch
+from diffkv.testing import BatchSpec, LayerFeatures, SeqShape, assert_close, make_batch
 from diffkv.testing.strategies import attention_cases
+from diffkv.testing.profiles import examples
 from tests.dense_f64 import dense_attention_f64
 
 MIXED = (SeqShape(q_len=5, context_len=11), SeqShape(q_len=0, context_len=7), SeqShape(q_len=1, context_len=40),
@@ -42,8 +43,13 @@ def check_against_dense(batch):
     o = out.double().numpy()
     assert np.isnan(o[~owned]).all(), "padding rows past query_start_loc[-1] were written"
     assert not np.isnan(o[owned]).any(), "an owned row was left unwritten or became NaN"
-    tol = 1e-12 if batch.spec.dtype == torch.float64 else 2e-6
-    np.testing.assert_allclose(o[owned], ref[owned], atol=tol, rtol=tol)
+    if batch.spec.dtype == torch.float64:
+        np.testing.assert_allclose(o[owned], ref[owned], atol=1e-12, rtol=1e-12)
+    else:
+        # fp32 inputs are computed in fp32 (SPEC step 1): rounding of logits of
+        # magnitude ~|scale q.k| is amplified by the softmax, so the justified
+        # per-dtype table applies (diffkv/testing/tolerances.py), as for any backend
+        assert_close(torch.from_numpy(o[owned]), torch.from_numpy(ref[owned]), batch.spec.dtype)
 
 
 @pytest.mark.parametrize("name", list(FEATURES))
@@ -98,7 +104,7 @@ def test_alibi_linear_differs_from_position_relative_only_with_sinks():
         np.testing.assert_allclose(out, ref, atol=1e-12)
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(case=attention_cases(dtypes=(torch.float64, torch.float32), max_q_len=12, max_context_len=40, max_seqs=3))
 def test_random_feature_mixes_match_dense_f64(case):
     spec, features = case

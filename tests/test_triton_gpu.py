@@ -22,6 +22,7 @@ from diffkv.reference import write_kv_cache as reference_write_kv_cache
 from diffkv.testing import BatchSpec, LayerFeatures, SeqShape, make_batch
 from diffkv.testing.batches import BAD_BLOCK_ID
 from diffkv.testing.strategies import HEAD_SIZE_PAIRS, attention_cases
+from diffkv.testing.profiles import examples
 from tests.triton_common import (
     build_metadata,
     check_output,
@@ -324,7 +325,7 @@ def test_cache_writer_bit_exact(dtype, slot_dtype, layout):
 
 
 # ------------------------------------------------------------ property based
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(case=attention_cases(dtypes=(torch.float16, torch.bfloat16, torch.float32), pairs=HEAD_SIZE_PAIRS,
                             max_kv_heads=4, max_seqs=8, max_q_len=80, max_context_len=700, max_window=300))
 def test_hypothesis_functional_matches_reference(case):
@@ -333,7 +334,7 @@ def test_hypothesis_functional_matches_reference(case):
     check_output(run_functional(batch), batch)
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(case=attention_cases(dtypes=(torch.bfloat16, torch.float16), pairs=((192, 128), (128, 64), (64, 128)),
                             kinds=("decode", "multi_token_decode", "empty"), max_kv_heads=4, max_seqs=6,
                             max_context_len=3000),

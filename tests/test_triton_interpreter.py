@@ -17,6 +17,7 @@ import diffkv
 from diffkv.reference import write_kv_cache as reference_write_kv_cache
 from diffkv.testing import BatchSpec, LayerFeatures, SeqShape, make_batch
 from diffkv.testing.strategies import SMALL_HEAD_SIZE_PAIRS, attention_cases, batch_specs
+from diffkv.testing.profiles import examples
 from diffkv.triton.kernels import attention as tk
 from tests.triton_common import check_output, reference_f64, run_class_api, run_functional, run_kernel
 
@@ -78,7 +79,7 @@ def test_cache_writer_bit_exact(dtype, slot_dtype, layout):
     assert torch.equal(cache.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8))
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(
     T=st.integers(0, 12),
     hkv=st.integers(1, 3),
@@ -228,7 +229,7 @@ def test_replay_with_new_metadata_values():
 
 
 # ------------------------------------------------------------ property based
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(case=attention_cases(dtypes=(torch.float32, torch.float16), max_seqs=4, max_q_len=12, max_context_len=48,
                             max_window=40))
 def test_hypothesis_functional_matches_reference(case):
@@ -239,7 +240,7 @@ def test_hypothesis_functional_matches_reference(case):
     check_output(run_functional(batch), batch)
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(case=attention_cases(dtypes=(torch.float32, torch.float16), max_seqs=3, max_q_len=10, max_context_len=40),
        num_splits=st.sampled_from([None, 1, 2, 7]))
 def test_hypothesis_class_api_matches_reference(case, num_splits):
@@ -249,7 +250,7 @@ def test_hypothesis_class_api_matches_reference(case, num_splits):
     check_output(run_class_api(batch, num_splits=num_splits), batch, what=f"class api, splits={num_splits}")
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(spec=batch_specs(dtypes=(torch.float16,), kinds=("decode", "multi_token_decode"), min_seqs=1, max_seqs=3,
                         max_context_len=120))
 def test_hypothesis_decode_batches_split(spec):

@@ -5,6 +5,10 @@ side effect at import).
 * ``thorough``: many more examples, random seeds -- run on demand with
   ``DIFFKV_HYPOTHESIS_PROFILE=thorough`` or ``--hypothesis-profile=thorough``.
 * ``dev``: a handful of examples for quick iteration.
+
+Tests that bound their examples (slow kernels) write
+``@settings(max_examples=examples(20))``: 20 under ``ci``, 10x that under
+``thorough``, a fifth under ``dev`` -- so the longer profile really draws more.
 """
 
 from __future__ import annotations
@@ -16,6 +20,16 @@ from hypothesis import HealthCheck, settings
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
 
+PROFILE_ENV = "DIFFKV_HYPOTHESIS_PROFILE"
+EXAMPLE_FACTORS = {"ci": 1.0, "thorough": 10.0, "dev": 0.2}
+
+
+def examples(n: int) -> int:
+    """``n`` examples scaled by the active profile (see module docstring)."""
+    factor = EXAMPLE_FACTORS.get(os.environ.get(PROFILE_ENV, "ci"), 1.0)
+    return max(1, int(n * factor))
+
+
 def register_profiles() -> str:
     settings.register_profile("ci", derandomize=True, max_examples=25, deadline=None, print_blob=True,
                               suppress_health_check=_SUPPRESS, database=None)
@@ -23,6 +37,6 @@ def register_profiles() -> str:
                               suppress_health_check=_SUPPRESS)
     settings.register_profile("dev", max_examples=5, deadline=None, derandomize=True, suppress_health_check=_SUPPRESS,
                               database=None)
-    name = os.environ.get("DIFFKV_HYPOTHESIS_PROFILE", "ci")
+    name = os.environ.get(PROFILE_ENV, "ci")
     settings.load_profile(name)
     return name
