@@ -10,10 +10,10 @@ import sys
 def _select_triton_mode(backend: str) -> None:
     """The CLI is a program, so it may choose the Triton interpreter for its own
     process when the Triton backend is asked for on a machine without CUDA."""
-    if backend in ("triton", "auto") and "TRITON_INTERPRET" not in os.environ:
+    if backend == "triton" and "TRITON_INTERPRET" not in os.environ:
         import torch
 
-        if not torch.cuda.is_available() and backend == "triton":
+        if not torch.cuda.is_available():
             os.environ["TRITON_INTERPRET"] = "1"
             print("no CUDA GPU: running the Triton kernels in the Triton interpreter (slow, small shapes)")
 

@@ -26,6 +26,7 @@ __all__ = [
     "check_attention_inputs",
     "check_cache_write_inputs",
     "check_metadata_values",
+    "check_query_start_loc_values",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -251,6 +252,39 @@ def check_cache_write_inputs(
             raise DeviceError(f"{name} is on {t.device}; expected the device of key ({key.device})")
 
 
+def check_query_start_loc_values(
+    query_start_loc: torch.Tensor,
+    *,
+    num_tokens: int,
+    name: str = "query_start_loc",
+    item: str = "sequence",
+    bound: str | None = None,
+) -> torch.Tensor:
+    """Values of ``query_start_loc`` (a host copy, or copied to the host):
+    starts at 0, never decreases, ends at most at ``num_tokens``.
+
+    ``name``/``item``/``bound`` only word the messages (the vLLM adapter
+    speaks of ``query_start_loc_cpu``, requests and ``num_actual_tokens``).
+    Returns the query lengths (int64, on the CPU).
+    """
+    qsl = query_start_loc.detach().to("cpu", torch.int64)
+    bound = bound or f"the number of query rows ({num_tokens}); expected {name}[-1] <= query.shape[0]"
+    if qsl.numel() == 0:
+        raise MetadataError(f"{name} is empty; expected [num_seqs + 1] values starting at 0")
+    if int(qsl[0]) != 0:
+        raise MetadataError(f"{name}[0]={int(qsl[0])}; expected 0")
+    q_lens = qsl[1:] - qsl[:-1]
+    if (q_lens < 0).any():
+        s = int(torch.nonzero(q_lens < 0)[0, 0])
+        raise MetadataError(
+            f"{name} decreases at {item} {s}: {name}[{s}]={int(qsl[s])} > "
+            f"{name}[{s + 1}]={int(qsl[s + 1])}; expected a non-decreasing cumulative sum"
+        )
+    if int(qsl[-1]) > num_tokens:
+        raise MetadataError(f"{name}[-1]={int(qsl[-1])} exceeds {bound}")
+    return q_lens
+
+
 def check_metadata_values(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -264,24 +298,8 @@ def check_metadata_values(
 
     Returns ``(max_query_len, max_seq_len)``.
     """
-    qsl = query_start_loc.detach().to("cpu", torch.int64)
+    q_lens = check_query_start_loc_values(query_start_loc, num_tokens=num_tokens)
     sl = seq_lens.detach().to("cpu", torch.int64)
-    if qsl.numel() == 0:
-        raise MetadataError("query_start_loc is empty; expected [num_seqs + 1] values starting at 0")
-    if int(qsl[0]) != 0:
-        raise MetadataError(f"query_start_loc[0]={int(qsl[0])}; expected 0")
-    q_lens = qsl[1:] - qsl[:-1]
-    if (q_lens < 0).any():
-        s = int(torch.nonzero(q_lens < 0)[0, 0])
-        raise MetadataError(
-            f"query_start_loc decreases at sequence {s}: query_start_loc[{s}]={int(qsl[s])} > "
-            f"query_start_loc[{s + 1}]={int(qsl[s + 1])}; expected a non-decreasing cumulative sum"
-        )
-    if int(qsl[-1]) > num_tokens:
-        raise MetadataError(
-            f"query_start_loc[-1]={int(qsl[-1])} exceeds the number of query rows ({num_tokens}); "
-            "expected query_start_loc[-1] <= query.shape[0]"
-        )
     if (sl < 0).any():
         s = int(torch.nonzero(sl < 0)[0, 0])
         raise MetadataError(f"seq_lens[{s}]={int(sl[s])}; expected >= 0")

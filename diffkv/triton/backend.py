@@ -162,8 +162,9 @@ class TritonBackend(DiffKVBackend):
     ) -> torch.Tensor:
         """Kernel launch without impl/builder objects (shapes already checked
         by :func:`diffkv.paged_attention`). Tile sizes and the split count come
-        from shape-derived bounds; the split workspace is allocated here, for
-        this call only (the class API preallocates it instead)."""
+        from the query lengths (read on the host) and the block-table width;
+        the split workspace is allocated here, for this call only (the class
+        API preallocates it instead)."""
         dev = query.device
         if alibi_slopes is not None:
             alibi_slopes = alibi_slopes.to(dev, torch.float32).contiguous()
@@ -171,12 +172,14 @@ class TritonBackend(DiffKVBackend):
             sinks = sinks.to(dev, torch.float32).contiguous()
         T, H, Dqk = query.shape
         Dv = kv_cache.shape[3] - Dqk
-        budget = max(1, launch.split_rows_capacity(T) // max(1, T))
-        plan = _attention.plan_for(query, kv_cache, seq_lens, block_table, num_splits=num_splits, max_splits=budget)
-        workspace = Workspace.allocate(T * plan.num_splits, H, Dv, dev) if plan.num_splits > 1 else None
         q_lens = (query_start_loc[1:] - query_start_loc[:-1]).cpu()
         max_q = int(q_lens.max()) if q_lens.numel() else 0
         decode_q_lens = q_lens[q_lens <= launch.DECODE_MAX_QUERY_LEN]
+        # plan once, with the same hints the launcher gets, to size this call's workspace
+        budget = max(1, launch.split_rows_capacity(T) // max(1, T))
+        plan = _attention.plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_q, num_splits=num_splits,
+                                   max_splits=budget, sliding_window=sliding_window)
+        workspace = Workspace.allocate(T * plan.num_splits, H, Dv, dev) if plan.num_splits > 1 else None
         return _attention.paged_attention(
             query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
             sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,

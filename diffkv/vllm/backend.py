@@ -614,19 +614,7 @@ class DiffKVVllmMetadataBuilder(AttentionMetadataBuilder[DiffKVMetadata]):
                 f"common_attn_metadata.query_start_loc_cpu must be a host tensor of at least {S + 1} values "
                 f"(num_reqs + 1); got {None if qsl is None else (list(qsl.shape), str(qsl.device))}"
             )
-        qsl = qsl[: S + 1]
-        if S + 1 > 0 and int(qsl[0]) != 0:
-            raise MetadataError(f"query_start_loc_cpu[0]={int(qsl[0])}; expected 0")
-        if S > 0:
-            steps = qsl[1:] - qsl[:-1]
-            if bool((steps < 0).any()):
-                s = int(torch.nonzero(steps < 0)[0, 0])
-                raise MetadataError(
-                    f"query_start_loc_cpu decreases at request {s}: {int(qsl[s])} > {int(qsl[s + 1])}; "
-                    "expected a non-decreasing cumulative sum"
-                )
-            if int(qsl[S]) > c.num_actual_tokens:
-                raise MetadataError(
-                    f"query_start_loc_cpu[{S}]={int(qsl[S])} exceeds num_actual_tokens={c.num_actual_tokens}; "
-                    "expected the requests' query tokens to fit in the batch"
-                )
+        validation.check_query_start_loc_values(
+            qsl[: S + 1], num_tokens=c.num_actual_tokens, name="query_start_loc_cpu", item="request",
+            bound=f"num_actual_tokens={c.num_actual_tokens}; expected the requests' query tokens to fit in the batch",
+        )
