@@ -10,6 +10,9 @@ reduce's launch.
 
 Each variant is checked against the pointer path's output (max abs diff) and
 timed as a CUDA-graph replay with L2 flushed (triton do_bench), like the bench.
+
+The TMA and PDL code paths it drives were reverted after this experiment:
+run it at commit 5ffc0f0 (log: perf/logs/exp7_h100.log).
 """
 
 from __future__ import annotations

@@ -67,13 +67,6 @@ class TileConfig:
         max_g_tile: at most this many query heads of one KV head share a
             program (GQA packing); 1 = one head per program, all rows from
             consecutive query tokens.
-        tma_stages: > 0: where the cache allows it (:func:`tma_supported`),
-            read K/V one cache page per tile through tensor descriptors
-            (Hopper's tensor memory accelerator) with this many pipeline
-            stages; ``block_n`` then only sets the minimum keys per split.
-        pdl: launch the split-KV reduce as a programmatic dependent of the
-            attention grid (0: off; 1: on; 2: on, and the attention grid lets
-            it start early).
     """
 
     block_m: int
@@ -82,8 +75,6 @@ class TileConfig:
     num_stages: int
     min_tiles_per_split: int = 4
     max_g_tile: int = 128
-    tma_stages: int = 0
-    pdl: int = 0
 
 
 # (arch, regime, dtype class, head class) -> TileConfig, refined by
@@ -94,7 +85,7 @@ class TileConfig:
 # Entries were checked for register spills with ptxas (sm_90a): none spill.
 TUNED_CONFIGS: dict[tuple, TileConfig] = {
     ("sm90", "prefill", "16bit", "small"): TileConfig(128, 128, 8, 2),
-    ("sm90", "decode", "16bit", "small"): TileConfig(64, 128, 4, 3, 2, tma_stages=4, pdl=2),
+    ("sm90", "decode", "16bit", "small"): TileConfig(64, 128, 4, 3, 2),
     ("sm90", "prefill", "16bit", "big"): TileConfig(64, 32, 4, 2),
     ("sm90", "decode", "16bit", "big"): TileConfig(64, 32, 4, 3),
     ("sm90", "prefill", "fp32", "small"): TileConfig(16, 16, 4, 1),
@@ -102,7 +93,7 @@ TUNED_CONFIGS: dict[tuple, TileConfig] = {
     ("sm90", "prefill", "fp32", "big"): TileConfig(16, 16, 4, 1),
     ("sm90", "decode", "fp32", "big"): TileConfig(16, 16, 4, 1),
     ("sm90", "prefill", "16bit", 192, 128): TileConfig(128, 128, 8, 2),
-    ("sm90", "decode", "16bit", 192, 128): TileConfig(64, 128, 4, 3, 2, tma_stages=4, pdl=2),
+    ("sm90", "decode", "16bit", 192, 128): TileConfig(64, 128, 4, 3, 2),
     ("sm80", "prefill", "16bit", "small"): TileConfig(64, 64, 4, 2),
     ("sm80", "decode", "16bit", "small"): TileConfig(64, 64, 4, 2),
     ("sm80", "prefill", "16bit", "big"): TileConfig(64, 32, 4, 2),
@@ -136,10 +127,6 @@ class LaunchPlan:
         num_warps, num_stages: attention kernel launch options.
         phased: visit interior KV tiles through the mask-free path (prefill
             regime; decode programs visit few tiles, one masked loop is faster).
-        tma: K/V read one page per tile through tensor descriptors
-            (``block_n`` is the page size).
-        pdl: programmatic dependent launch of the reduce (see
-            :class:`TileConfig`).
     """
 
     block_q: int
@@ -155,8 +142,6 @@ class LaunchPlan:
     num_warps: int
     num_stages: int
     phased: bool = True
-    tma: bool = False
-    pdl: int = 0
 
 
 WINDOW_DECODE_BLOCK_N = 64
@@ -227,8 +212,6 @@ def plan_attention(
     max_splits: int,
     num_splits: int | None = None,
     sliding_window: int | None = None,
-    block_size: int = 16,
-    tma_ok: bool = False,
 ) -> LaunchPlan:
     """Choose tiles and the KV split count.
 
@@ -245,9 +228,6 @@ def plan_attention(
             ``max_splits``.
         sliding_window: W keys, if the layer has a window (decode tiles
             shrink so the bytes read stay close to the window's).
-        block_size: cache page size (tokens).
-        tma_ok: the cache can be read through tensor descriptors
-            (:func:`tma_supported` and a CUDA device with TMA).
     """
     G = num_heads // num_kv_heads
     regime = "decode" if max_query_len <= DECODE_MAX_QUERY_LEN else "prefill"
@@ -269,13 +249,6 @@ def plan_attention(
     block_n = cfg.block_n
     if regime == "decode" and sliding_window is not None and sliding_window <= 16 * WINDOW_DECODE_BLOCK_N:
         block_n = min(block_n, WINDOW_DECODE_BLOCK_N)
-    use_tma = bool(tma_ok and cfg.tma_stages > 0)
-    min_tiles_per_split = cfg.min_tiles_per_split
-    num_stages = cfg.num_stages
-    if use_tma:  # one page per tile; a split keeps at least as many keys as with block_n
-        min_tiles_per_split = max(1, cfg.min_tiles_per_split * block_n // block_size)
-        block_n = block_size
-        num_stages = cfg.tma_stages
 
     if num_splits is None:
         q_tiles = min(num_seqs * math.ceil(max(1, max_query_len) / block_q), num_tokens // block_q + num_seqs)
@@ -284,7 +257,7 @@ def plan_attention(
         target = num_sms * TARGET_WAVES
         splits = 1
         if programs < num_sms:  # less than one wave: split (measured: at ~2 waves splitting only adds the reduce)
-            splits = min(math.ceil(target / programs), kv_tiles // max(1, min_tiles_per_split), MAX_SPLITS)
+            splits = min(math.ceil(target / programs), kv_tiles // max(1, cfg.min_tiles_per_split), MAX_SPLITS)
             splits = prev_pow2(max(1, splits))
     else:
         splits = max(1, int(num_splits))
@@ -301,10 +274,8 @@ def plan_attention(
         num_splits=splits,
         splits_pad=next_pow2(splits),
         num_warps=cfg.num_warps,
-        num_stages=num_stages,
+        num_stages=cfg.num_stages,
         phased=regime == "prefill",
-        tma=use_tma,
-        pdl=cfg.pdl if splits > 1 else 0,
     )
 
 
@@ -326,57 +297,3 @@ def device_arch(device: torch.device, interpreted: bool) -> tuple[str, int]:
 def split_rows_capacity(max_num_batched_tokens: int) -> int:
     """Rows (token x split) of the workspace a builder preallocates."""
     return max(MAX_SPLITS, min(SPLIT_ROW_BUDGET, max(1, max_num_batched_tokens) * MAX_SPLITS))
-
-
-@dataclass(frozen=True)
-class TmaView:
-    """How a paged cache ``[num_blocks, block_size, Hkv, Dqk + Dv]`` (any
-    strides on dims 0-2) reads as one 2-D row-major matrix for tensor
-    descriptors: token ``i`` of page ``p``, KV head ``h``, channel ``c`` sits at
-    row ``p * row_page + h * rows_per_head + i``, column ``h * cols_per_head +
-    c``. Heads side by side in a row (NHD) have ``rows_per_head = 0``; heads
-    stacked (HND) have ``cols_per_head = 0``."""
-
-    rows: int
-    cols: int
-    row_stride: int
-    row_page: int
-    rows_per_head: int
-    cols_per_head: int
-
-
-def tma_view(shape: tuple[int, ...], strides: tuple[int, ...], elem_bytes: int, d1: int, d2: int,
-             head_size: int, head_size_v: int) -> TmaView | None:
-    """The 2-D view of a cache of this shape and strides for page-box copies
-    of ``[block_size, d1]`` / ``[block_size, d2]`` (K) and ``[block_size,
-    head_size_v]`` (V), or None when the layout, the sizes or the alignment
-    (16-byte strides and column offsets, power-of-two boxes of at most 256,
-    int32 coordinates) rule the tensor memory accelerator out."""
-    num_blocks, block_size, hkv, width = shape
-    s0, s1, s2, s3 = strides
-    if s3 != 1 or width != head_size + head_size_v or elem_bytes != 2:
-        return None
-    def box_ok(n: int) -> bool:  # a power of two, at most 256, rows of at least 16 bytes
-        return n & (n - 1) == 0 and 16 <= n * elem_bytes and n <= 256
-
-    if d1 + d2 != head_size or not all(box_ok(n) for n in (d1, head_size_v) + ((d2,) if d2 else ())):
-        return None
-    if block_size & (block_size - 1) or not 16 <= block_size <= 256:  # a page is one tile (tl.dot: N >= 16)
-        return None
-    r = s1
-    if r <= 0 or s0 % r or (s0 // r) < block_size or any((x * elem_bytes) % 16 for x in (r, d1, head_size)):
-        return None
-    row_page = s0 // r
-    if hkv == 1:
-        rows_per_head, cols_per_head = 0, 0
-    elif s2 % r == 0 and s2 // r >= block_size and width <= r:
-        rows_per_head, cols_per_head = s2 // r, 0
-    elif (hkv - 1) * s2 + width <= r and (s2 * elem_bytes) % 16 == 0 and s2 >= width:
-        rows_per_head, cols_per_head = 0, s2
-    else:
-        return None
-    rows = (num_blocks - 1) * row_page + (hkv - 1) * rows_per_head + block_size
-    cols = (hkv - 1) * cols_per_head + width
-    if rows >= 2**31:  # int32 row coordinates
-        return None
-    return TmaView(rows, cols, r, row_page, rows_per_head, cols_per_head)

@@ -52,14 +52,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from diffkv.triton import launch
-
-try:  # host-side tensor descriptors (Triton >= 3.3)
-    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: the pointer path only
-    _TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 
@@ -145,8 +139,7 @@ def _tanh(x):
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-    qk_scale, softcap_log2, window, stride_c0, stride_c1, ka_desc, kb_desc, v_desc, tma_row_page, tma_row_head,
-    tma_col_head, TMA: tl.constexpr,
+    qk_scale, softcap_log2, window, stride_c0, stride_c1,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
     D2: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_ALIBI: tl.constexpr, ALIBI_SQRT: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
@@ -163,48 +156,33 @@ def _attend_tile(
     d1 = tl.arange(0, D1)
     dv = tl.arange(0, DV_PAD)
     j = tile * BLOCK_N + cn  # key positions [BLOCK_N]
-    if TMA:
-        # one cache page per tile (BLOCK_N == BLOCK_SIZE), copied by the tensor
-        # memory accelerator from a 2-D view of the cache (see _tma_view):
-        # page p of KV head h starts at row p * tma_row_page + tma_row_head,
-        # column tma_col_head; rows past the view read zeros, never fault
-        j_ok = j < seq_len
-        page_ok = (tile < num_bt_cols) & (tile * BLOCK_N < seq_len)
-        block = tl.load(bt_row + tile, mask=page_ok, other=0)
-        tma_row = block * tma_row_page + tma_row_head
-        k_a = ka_desc.load([tma_row, tma_col_head])  # [BLOCK_N, D1]
-        x = _dot(q_a, tl.trans(k_a), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-        if D2 > 0:
-            k_b = kb_desc.load([tma_row, tma_col_head + D1])  # [BLOCK_N, D2]
-            x = _dot(q_b, tl.trans(k_b), x, IEEE)
+    col = j // BLOCK_SIZE
+    if MASKED:
+        j_ok = (j < seq_len) & (col < num_bt_cols)
+        block = tl.load(bt_row + col, mask=j_ok, other=0).to(tl.int64)
     else:
-        col = j // BLOCK_SIZE
-        if MASKED:
-            j_ok = (j < seq_len) & (col < num_bt_cols)
-            block = tl.load(bt_row + col, mask=j_ok, other=0).to(tl.int64)
+        j_ok = cn < BLOCK_N
+        block = tl.load(bt_row + col).to(tl.int64)
+    kv_row = block * stride_c0 + (j % BLOCK_SIZE).to(tl.int64) * stride_c1 + head_off  # [BLOCK_N]
+    # scores [BLOCK_M, BLOCK_N]; K tiles read [BLOCK_N, D] (rows contiguous) and transposed
+    k_mask = j_ok[:, None]
+    if D1 > DQK:
+        k_mask = k_mask & (d1[None, :] < DQK)
+    if MASKED or D1 > DQK:
+        k_a = _load_kv_tile(cache_ptr, kv_row[:, None] + d1[None, :], k_mask)
+    else:
+        k_a = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + d1[None, :])
+    x = _dot(q_a, tl.trans(k_a), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        k_mask2 = j_ok[:, None]
+        if D1 + D2 > DQK:
+            k_mask2 = k_mask2 & (d2[None, :] < DQK)
+        if MASKED or D1 + D2 > DQK:
+            k_b = _load_kv_tile(cache_ptr, kv_row[:, None] + d2[None, :], k_mask2)
         else:
-            j_ok = cn < BLOCK_N
-            block = tl.load(bt_row + col).to(tl.int64)
-        kv_row = block * stride_c0 + (j % BLOCK_SIZE).to(tl.int64) * stride_c1 + head_off  # [BLOCK_N]
-        # scores [BLOCK_M, BLOCK_N]; K tiles read [BLOCK_N, D] (rows contiguous) and transposed
-        k_mask = j_ok[:, None]
-        if D1 > DQK:
-            k_mask = k_mask & (d1[None, :] < DQK)
-        if MASKED or D1 > DQK:
-            k_a = _load_kv_tile(cache_ptr, kv_row[:, None] + d1[None, :], k_mask)
-        else:
-            k_a = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + d1[None, :])
-        x = _dot(q_a, tl.trans(k_a), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-        if D2 > 0:
-            d2 = D1 + tl.arange(0, D2)
-            k_mask2 = j_ok[:, None]
-            if D1 + D2 > DQK:
-                k_mask2 = k_mask2 & (d2[None, :] < DQK)
-            if MASKED or D1 + D2 > DQK:
-                k_b = _load_kv_tile(cache_ptr, kv_row[:, None] + d2[None, :], k_mask2)
-            else:
-                k_b = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + d2[None, :])
-            x = _dot(q_b, tl.trans(k_b), x, IEEE)
+            k_b = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + d2[None, :])
+        x = _dot(q_b, tl.trans(k_b), x, IEEE)
     x = x * qk_scale
     if USE_SOFTCAP:
         x = softcap_log2 * _tanh(x)
@@ -228,11 +206,7 @@ def _attend_tile(
     p = tl.exp2(x - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if TMA:
-        v = v_desc.load([tma_row, tma_col_head + DQK])  # [BLOCK_N, DV]
-        if MASKED:  # slots past the sequence end may hold anything (NaN): p is 0 there, v must be finite
-            v = tl.where(j_ok[:, None], v, 0.0)
-    elif MASKED or DV_PAD > DV:
+    if MASKED or DV_PAD > DV:
         v = _load_kv_tile(cache_ptr, kv_row[:, None] + DQK + dv[None, :], j_ok[:, None] & (dv[None, :] < DV))
     else:
         v = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + DQK + dv[None, :])
@@ -254,12 +228,6 @@ def _attention_kernel(
     part_out_ptr,  # [T, H, num_splits, DV] fp32 (SPLIT)
     part_max_ptr,  # [T, H, num_splits] fp32 (SPLIT)
     part_sum_ptr,  # [T, H, num_splits] fp32 (SPLIT)
-    ka_desc,  # TMA: tensor descriptors over the 2-D cache view, boxes [BLOCK_SIZE, D1] (TMA)
-    kb_desc,  # [BLOCK_SIZE, D2] (TMA, D2 > 0)
-    v_desc,  # [BLOCK_SIZE, DV] (TMA)
-    tma_row_page,  # rows of the 2-D view per cache page (TMA)
-    tma_rows_per_head,  # row offset between KV heads (TMA)
-    tma_cols_per_head,  # column offset between KV heads (TMA)
     num_seqs,
     num_heads,
     num_bt_cols,
@@ -298,8 +266,6 @@ def _attention_kernel(
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
     PHASED: tl.constexpr,  # mask-free path for interior tiles
-    TMA: tl.constexpr,  # K/V pages through tensor descriptors (Hopper), BLOCK_N == BLOCK_SIZE
-    PDL_TRIGGER: tl.constexpr,  # let the reduce launch early (programmatic dependent launch)
 ):
     # grid (Hkv * NUM_G_TILES, query tiles, splits): heads vary fastest so the
     # programs sharing K/V run together; query tiles run last-first, so in a
@@ -375,10 +341,6 @@ def _attention_kernel(
 
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt0
     head_off = kvh.to(tl.int64) * stride_c2
-    tma_row_head = kvh * tma_rows_per_head
-    tma_col_head = kvh * tma_cols_per_head
-    if PDL_TRIGGER:
-        gdc_launch_dependents()  # the reduce's programs may start; they wait for this grid's writes
     if not USE_ALIBI:
         slope = 0.0
     # interior tiles [int_lo, int_hi): every key visible to every row of the
@@ -395,27 +357,23 @@ def _attention_kernel(
         for tile in range(tile_begin, int_lo):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, ka_desc, kb_desc, v_desc, tma_row_page, tma_row_head,
-                tma_col_head, TMA, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
                 USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
         for tile in range(int_lo, int_hi):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, ka_desc, kb_desc, v_desc, tma_row_page, tma_row_head,
-                tma_col_head, TMA, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
                 USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, False)
         for tile in range(int_hi, tile_end):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, ka_desc, kb_desc, v_desc, tma_row_page, tma_row_head,
-                tma_col_head, TMA, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
                 USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
     else:
         for tile in range(tile_begin, tile_end):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, ka_desc, kb_desc, v_desc, tma_row_page, tma_row_head,
-                tma_col_head, TMA, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV,
                 DV_PAD, USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
 
     dv = tl.arange(0, DV_PAD)
@@ -454,7 +412,6 @@ def _reduce_kernel(
     D_CHUNK: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     USE_SINKS: tl.constexpr,
-    USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the attention grid
 ):
     """Combine the KV splits of query row ``t``, head ``h``, for one chunk of
     ``D_CHUNK`` value columns (grid ``(T, H, cdiv(Dv, D_CHUNK))``: enough
@@ -462,8 +419,6 @@ def _reduce_kernel(
     denominator here. Rows past ``qsl[S]`` are not owned by any sequence and
     are left untouched. The sum over splits has a fixed order."""
     t = tl.program_id(0).to(tl.int64)
-    if USE_PDL:
-        gdc_wait()  # the attention grid's partial results are visible after this
     if t >= tl.load(qsl_ptr + num_seqs):
         return
     h = tl.program_id(1)
@@ -592,30 +547,6 @@ def paged_attention(
                    use_alibi_sqrt=use_alibi_sqrt, sinks=sinks, q_len_range=(0, 2**31 - 1))
 
 
-def _tma_view(query: torch.Tensor, kv_cache: torch.Tensor) -> launch.TmaView | None:
-    """The 2-D view of ``kv_cache`` for tensor-descriptor page copies, or
-    None where they are not available (interpreter, pre-Hopper devices,
-    layouts or sizes :func:`launch.tma_view` rules out)."""
-    if INTERPRETED or _TensorDescriptor is None or kv_cache.device.type != "cuda" or kv_cache.dtype != query.dtype:
-        return None
-    if launch.device_arch(kv_cache.device, False)[0] != "sm90" or kv_cache.data_ptr() % 16:
-        return None
-    Dqk = query.shape[2]
-    d1, d2 = launch.split_head_dim(Dqk)
-    return launch.tma_view(tuple(kv_cache.shape), tuple(kv_cache.stride()), kv_cache.element_size(), d1, d2, Dqk,
-                           kv_cache.shape[3] - Dqk)
-
-
-def _tma_descriptors(kv_cache: torch.Tensor, view: launch.TmaView, plan: launch.LaunchPlan, Dv: int) -> tuple:
-    """Tensor descriptors for the K (two chunks) and V page boxes."""
-    flat = torch.as_strided(kv_cache, (view.rows, view.cols), (view.row_stride, 1))
-    bs = plan.block_n
-    ka = _TensorDescriptor(flat, [view.rows, view.cols], [view.row_stride, 1], [bs, plan.d1])
-    kb = _TensorDescriptor(flat, [view.rows, view.cols], [view.row_stride, 1], [bs, plan.d2]) if plan.d2 else ka
-    v = ka if Dv == plan.d1 else _TensorDescriptor(flat, [view.rows, view.cols], [view.row_stride, 1], [bs, Dv])
-    return ka, kb, v
-
-
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
@@ -666,13 +597,6 @@ def _launch(
     part_max = workspace.partial_max if split else dummy
     part_sum = workspace.partial_sum if split else dummy
     grid = (Hkv * plan.num_g_tiles, T // idx_q + S, plan.num_splits)
-    view = _tma_view(query, kv_cache) if plan.tma else None
-    if view is not None:
-        ka_desc, kb_desc, v_desc = _tma_descriptors(kv_cache, view, plan, Dv)
-        tma_geom = (view.row_page, view.rows_per_head, view.cols_per_head)
-    else:
-        ka_desc = kb_desc = v_desc = dummy
-        tma_geom = (0, 0, 0)
     _attention_kernel[grid](
         query,
         kv_cache,
@@ -685,10 +609,6 @@ def _launch(
         part_out,
         part_max,
         part_sum,
-        ka_desc,
-        kb_desc,
-        v_desc,
-        *tma_geom,
         S,
         H,
         block_table.shape[1],
@@ -727,8 +647,6 @@ def _launch(
         SPLIT=split,
         IEEE=query.dtype == torch.float32,
         PHASED=plan.phased,
-        TMA=view is not None,
-        PDL_TRIGGER=split and plan.pdl >= 2,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
@@ -750,9 +668,7 @@ def _launch(
             D_CHUNK=d_chunk,
             SPLITS_PAD=plan.splits_pad,
             USE_SINKS=sinks is not None,
-            USE_PDL=plan.pdl >= 1,
             num_warps=2,
-            **({"launch_pdl": True} if plan.pdl >= 1 else {}),
         )
     return out
 
@@ -788,8 +704,6 @@ def plan_for(
         max_seq_len = block_table.shape[1] * block_size
     arch, num_sms = launch.device_arch(query.device, INTERPRETED)
     return launch.plan_attention(
-        block_size=block_size,
-        tma_ok=_tma_view(query, kv_cache) is not None,
         num_tokens=T,
         num_seqs=S,
         num_heads=H,
