@@ -129,11 +129,61 @@ def workload(s: Scenario) -> tuple[int, float]:
 
 
 # -- timing -----------------------------------------------------------------
-def time_fn(fn, reps_ms: int = 200) -> tuple[float, float, float]:
-    """(median, p20, p80) in ms, device-event timed, L2 flushed between runs."""
-    import triton.testing as tt
+FLUSH_MODES = ("read", "write")
+"""How L2 is flushed before each timed run. ``read``: 256 MB (at least 4x
+the L2) are read, so L2 holds only clean lines and every K/V byte still
+comes from DRAM. ``write``: 256 MB of zeros are written first, as
+``triton.testing.do_bench`` does; L2 is then full of dirty lines and the timed
+kernel's reads force their write-back (measured on an H100: ~9 us of every
+decode timing, ~10-20% of a small decode; perf/exp9.py)."""
 
-    q = tt.do_bench(fn, warmup=25, rep=reps_ms, quantiles=[0.5, 0.2, 0.8], return_mode="median")
+_FLUSH_BUFFERS: dict = {}
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    """A float32 buffer of max(256 MB, 4 x L2) per device, made on first use."""
+    key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _FLUSH_BUFFERS:
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0
+        nbytes = max(256 << 20, 4 * l2)
+        _FLUSH_BUFFERS[key] = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    return _FLUSH_BUFFERS[key]
+
+
+def time_fn(fn, reps_ms: int = 200, flush: str = "read") -> tuple[float, float, float]:
+    """(median, p20, p80) in ms of ``fn``, timed with CUDA events around each
+    run, L2 flushed before each run (see :data:`FLUSH_MODES`)."""
+    if flush not in FLUSH_MODES:
+        raise ValueError(f"flush={flush!r}: expected one of {FLUSH_MODES}")
+    buf = _flush_buffer(torch.device("cuda"))
+    sink = torch.empty((), dtype=torch.float32, device=buf.device)
+
+    def do_flush():
+        if flush == "read":
+            torch.sum(buf, dim=0, out=sink)
+        else:
+            buf.zero_()
+
+    for _ in range(5):  # warm-up (compilation, caches of the allocator)
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(5):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    est = max(s.elapsed_time(e) / 5, 1e-3)
+    reps = int(min(1000, max(10, reps_ms / est)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in events:
+        do_flush()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    ts = torch.tensor([s.elapsed_time(e) for s, e in events])
+    q = torch.quantile(ts, torch.tensor([0.5, 0.2, 0.8])).tolist()
     return float(q[0]), float(q[1]), float(q[2])
 
 
@@ -160,17 +210,21 @@ def as_graph(fn):
         return None
 
 
-def measure_ceilings(device: torch.device) -> dict:
-    n = 1 << 29  # 1 GiB of bytes
+def measure_ceilings(device: torch.device, flush: str = "read") -> dict:
+    """Device copy bandwidth (512 MiB read + 512 MiB written, an eager
+    ``copy_``; the same copy captured in a CUDA graph ran ~20% slower on an
+    H100, perf/exp9.py) and dense bf16 matmul
+    TFLOP/s (8192^3), timed like the scenarios."""
+    n = 1 << 29  # 1 GiB of bytes moved
     src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    ms, _, _ = time_fn(lambda: dst.copy_(src))
+    ms, _, _ = time_fn(lambda: dst.copy_(src), flush=flush)
     copy_gbs = 2 * n / (ms * 1e-3) / 1e9
     del src, dst
     m = 8192
     a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    ms_mm, _, _ = time_fn(lambda: a @ b)
+    ms_mm, _, _ = time_fn(lambda: a @ b, flush=flush)
     tflops = 2 * m**3 / (ms_mm * 1e-3) / 1e12
     del a, b
     torch.cuda.empty_cache()
@@ -272,12 +326,27 @@ def _progress(i: int, n: int, name: str) -> None:
     print(f"[{bar}] {i}/{n} {name}", file=sys.stderr, flush=True)
 
 
+def read_same_bytes_ms(nbytes: int, device: torch.device, flush: str) -> float:
+    """Median ms of a plain streaming read of ``nbytes`` contiguous bytes
+    (``torch.sum`` of a bf16 buffer, in a CUDA graph): what reading this many
+    bytes costs at this size, launch and ramp-up included."""
+    flat = torch.ones(max(1, nbytes // 2), dtype=torch.bfloat16, device=device)
+    acc = torch.empty((), dtype=torch.float32, device=device)
+
+    def fn():
+        torch.sum(flat, dim=0, dtype=torch.float32, out=acc)
+    replay = as_graph(fn)
+    ms = time_fn(replay or fn, flush=flush)[0]
+    del flat
+    return ms
+
+
 def run(scenarios: list[Scenario], backend: str, device: torch.device, with_baseline: bool = True,
-        graphs: bool = True) -> dict:
+        graphs: bool = True, flush: str = "read") -> dict:
     gpu = torch.cuda.get_device_name(device)
     print(f"diffkv bench on {gpu} (torch {torch.__version__}, backend {backend})", flush=True)
     print("measuring ceilings ...", file=sys.stderr, flush=True)
-    ceil = measure_ceilings(device)
+    ceil = measure_ceilings(device, flush=flush)
     print(f"ceilings on {gpu}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']:.0f} "
           "TFLOP/s", flush=True)
     results = []
@@ -288,17 +357,20 @@ def run(scenarios: list[Scenario], backend: str, device: torch.device, with_base
         fn()
         torch.cuda.synchronize(device)
         replay = as_graph(fn) if graphs else None
-        med, p20, p80 = time_fn(replay or fn)
+        med, p20, p80 = time_fn(replay or fn, flush=flush)
         base = torch_baseline(s, b) if with_baseline else None
         base_replay = as_graph(base) if (graphs and base is not None) else None
-        base_ms = time_fn(base_replay or base)[0] if base is not None else None
+        base_ms = time_fn(base_replay or base, flush=flush)[0] if base is not None else None
         nbytes, flops = workload(s)
+        read_ms = read_same_bytes_ms(nbytes, device, flush) if s.kind == "decode" else None
         r = {
             "scenario": s.name, "kind": s.kind, "note": s.note, "config": asdict(s),
             "ms_median": med, "ms_p20": p20, "ms_p80": p80,
             "bytes": nbytes, "flops": flops,
             "GBps": nbytes / (med * 1e-3) / 1e9, "TFLOPs": flops / (med * 1e-3) / 1e12,
             "torch_baseline_ms": base_ms,
+            "read_same_bytes_ms": read_ms,
+            "frac_read": (read_ms / med) if read_ms else None,
             "timing": "cuda_graph_replay" if replay else "eager",
         }
         r["frac_copy"] = r["GBps"] / ceil["copy_GBps"]
@@ -314,7 +386,7 @@ def run(scenarios: list[Scenario], backend: str, device: torch.device, with_base
             r["parts_ms"] = sum(by_name[p]["ms_median"] for p in parts)
     return {"gpu": gpu, "torch": torch.__version__, "triton": _triton_version(), "backend": backend,
             "host": platform.node(),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "ceilings": ceil, "results": results}
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "flush": flush, "ceilings": ceil, "results": results}
 
 
 def _triton_version() -> str:
@@ -340,16 +412,19 @@ def print_table(report: dict) -> None:
     timing = {r["timing"] for r in report["results"]}
     print(f"\n{report['gpu']}: copy ceiling {c['copy_GBps']:.0f} GB/s, bf16 matmul ceiling "
           f"{c['bf16_matmul_TFLOPs']:.0f} TFLOP/s, backend {report['backend']}, timed as "
-          f"{' / '.join(sorted(timing))} (L2 flushed before each run)")
-    hdr = f"{'scenario':<28} {'median ms':>9} {'p20-p80':>15} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>8} " \
-          f"{'%mm':>5} {'torch ms':>9}  target"
+          f"{' / '.join(sorted(timing))}, L2 flushed before each run by a {report.get('flush', 'write')}")
+    print("%read: a plain read of the same number of bytes (torch.sum, contiguous) takes this fraction of the "
+          "scenario's time")
+    hdr = f"{'scenario':<28} {'median ms':>9} {'p20-p80':>15} {'GB/s':>7} {'%copy':>6} {'%read':>6} " \
+          f"{'TFLOP/s':>8} {'%mm':>5} {'torch ms':>9}  target"
     print(hdr)
     print("-" * len(hdr))
     for r in report["results"]:
         base = f"{r['torch_baseline_ms']:.3f}" if r["torch_baseline_ms"] is not None else "n/a"
+        rd = f"{r['frac_read']:.1%}" if r.get("frac_read") else "-"
         print(f"{r['scenario']:<28} {r['ms_median']:>9.4f} {r['ms_p20']:>7.4f}-{r['ms_p80']:<7.4f} "
-              f"{r['GBps']:>7.0f} {r['frac_copy']:>6.1%} {r['TFLOPs']:>8.1f} {r['frac_matmul']:>5.1%} {base:>9}  "
-              f"{verdict(r)}")
+              f"{r['GBps']:>7.0f} {r['frac_copy']:>6.1%} {rd:>6} {r['TFLOPs']:>8.1f} {r['frac_matmul']:>5.1%} "
+              f"{base:>9}  {verdict(r)}")
 
 
 def plot(report: dict, path: str) -> bool:
@@ -374,11 +449,14 @@ def plot(report: dict, path: str) -> bool:
         for j, (peer, v) in enumerate(PEERS.get(r["scenario"], {}).items()):
             ax.plot(i, v, marker="_x"[j % 2], color="black", markersize=12)
         ax.text(i, vals[i] + 0.01, f"{vals[i]:.0%}", ha="center", fontsize=8)
+        if r.get("read_same_bytes_ms"):  # a plain read of the same bytes, as a fraction of copy
+            rd = r["bytes"] / (r["read_same_bytes_ms"] * 1e-3) / 1e9 / report["ceilings"]["copy_GBps"]
+            ax.plot(i, rd, marker="o", color="gray", markersize=6)
     ax.set_xticks(range(len(rs)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("fraction of ceiling (decode: copy BW, prefill: bf16 matmul)")
     c = report["ceilings"]
     ax.set_title(f"diffkv on {report['gpu']} -- copy {c['copy_GBps']:.0f} GB/s, matmul "
-                 f"{c['bf16_matmul_TFLOPs']:.0f} TFLOP/s (red dashes: targets; marks: SPEC peers)", fontsize=9)
+                 f"{c['bf16_matmul_TFLOPs']:.0f} TFLOP/s (red dashes: targets; black marks: SPEC peers; gray dots: plain read of the same bytes)", fontsize=9)
     ax.set_ylim(0, 1.1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -400,6 +478,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the gather + SDPA baseline")
     p.add_argument("--eager", action="store_true",
                    help="time eager calls (Python launch overhead included) instead of CUDA-graph replays")
+    p.add_argument("--flush", choices=FLUSH_MODES, default="read",
+                   help="how L2 is flushed before each run: read 256 MB (default; L2 left clean) or write 256 MB "
+                        "of zeros as triton's do_bench does (L2 left dirty: its write-back lands in the timing)")
     p.add_argument("--json", default="bench.json", help="where to write the JSON report")
     p.add_argument("--plot", default="bench.png", help="where to write the PNG plot ('' = none)")
 
@@ -424,7 +505,7 @@ def main(args: argparse.Namespace) -> int:
                                   dtype=args.dtype, sliding_window=args.window, sinks=args.sinks,
                                   softcap=args.softcap, alibi=args.alibi))
     report = run(scenarios, args.backend, torch.device("cuda"), with_baseline=not args.no_baseline,
-                 graphs=not args.eager)
+                 graphs=not args.eager, flush=args.flush)
     print_table(report)
     if args.json:
         with open(args.json, "w") as f:

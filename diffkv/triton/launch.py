@@ -67,6 +67,10 @@ class TileConfig:
         max_g_tile: at most this many query heads of one KV head share a
             program (GQA packing); 1 = one head per program, all rows from
             consecutive query tokens.
+        preload_tiles: decode regime: read the block table ahead in chunks of
+            this many KV tiles, so the KV loop has no dependent load and
+            pipelines ``num_stages`` deep (0: read it tile by tile; Triton
+            then prefetches one tile only).
     """
 
     block_m: int
@@ -75,6 +79,7 @@ class TileConfig:
     num_stages: int
     min_tiles_per_split: int = 4
     max_g_tile: int = 128
+    preload_tiles: int = 8
 
 
 # (arch, regime, dtype class, head class) -> TileConfig, refined by
@@ -85,7 +90,7 @@ class TileConfig:
 # Entries were checked for register spills with ptxas (sm_90a): none spill.
 TUNED_CONFIGS: dict[tuple, TileConfig] = {
     ("sm90", "prefill", "16bit", "small"): TileConfig(128, 128, 8, 2),
-    ("sm90", "decode", "16bit", "small"): TileConfig(64, 128, 4, 3, 2),
+    ("sm90", "decode", "16bit", "small"): TileConfig(64, 64, 4, 3, 4, preload_tiles=8),
     ("sm90", "prefill", "16bit", "big"): TileConfig(64, 32, 4, 2),
     ("sm90", "decode", "16bit", "big"): TileConfig(64, 32, 4, 3),
     ("sm90", "prefill", "fp32", "small"): TileConfig(16, 16, 4, 1),
@@ -93,7 +98,7 @@ TUNED_CONFIGS: dict[tuple, TileConfig] = {
     ("sm90", "prefill", "fp32", "big"): TileConfig(16, 16, 4, 1),
     ("sm90", "decode", "fp32", "big"): TileConfig(16, 16, 4, 1),
     ("sm90", "prefill", "16bit", 192, 128): TileConfig(128, 128, 8, 2),
-    ("sm90", "decode", "16bit", 192, 128): TileConfig(64, 128, 4, 3, 2),
+    ("sm90", "decode", "16bit", 192, 128): TileConfig(64, 64, 4, 3, 4, preload_tiles=8),
     ("sm80", "prefill", "16bit", "small"): TileConfig(64, 64, 4, 2),
     ("sm80", "decode", "16bit", "small"): TileConfig(64, 64, 4, 2),
     ("sm80", "prefill", "16bit", "big"): TileConfig(64, 32, 4, 2),
@@ -103,9 +108,9 @@ TUNED_CONFIGS: dict[tuple, TileConfig] = {
     ("sm80", "prefill", "fp32", "big"): TileConfig(16, 16, 4, 1),
     ("sm80", "decode", "fp32", "big"): TileConfig(16, 16, 4, 1),
     ("interpreter", "prefill", "16bit", "small"): TileConfig(32, 16, 4, 1, 1),
-    ("interpreter", "decode", "16bit", "small"): TileConfig(16, 16, 4, 1, 1),
+    ("interpreter", "decode", "16bit", "small"): TileConfig(16, 16, 4, 1, 1, preload_tiles=2),
     ("interpreter", "prefill", "fp32", "small"): TileConfig(32, 16, 4, 1, 1),
-    ("interpreter", "decode", "fp32", "small"): TileConfig(16, 16, 4, 1, 1),
+    ("interpreter", "decode", "fp32", "small"): TileConfig(16, 16, 4, 1, 1, preload_tiles=2),
 }
 
 
@@ -127,6 +132,8 @@ class LaunchPlan:
         num_warps, num_stages: attention kernel launch options.
         phased: visit interior KV tiles through the mask-free path (prefill
             regime; decode programs visit few tiles, one masked loop is faster).
+        preload_tiles: unphased loop: block-table entries read ahead in
+            chunks of this many tiles (0: tile by tile).
     """
 
     block_q: int
@@ -142,6 +149,7 @@ class LaunchPlan:
     num_warps: int
     num_stages: int
     phased: bool = True
+    preload_tiles: int = 0
 
 
 WINDOW_DECODE_BLOCK_N = 64
@@ -212,6 +220,7 @@ def plan_attention(
     max_splits: int,
     num_splits: int | None = None,
     sliding_window: int | None = None,
+    block_size: int = 16,
 ) -> LaunchPlan:
     """Choose tiles and the KV split count.
 
@@ -228,6 +237,8 @@ def plan_attention(
             ``max_splits``.
         sliding_window: W keys, if the layer has a window (decode tiles
             shrink so the bytes read stay close to the window's).
+        block_size: cache page size (block-table read-ahead needs tiles and
+            pages that nest: one divides the other).
     """
     G = num_heads // num_kv_heads
     regime = "decode" if max_query_len <= DECODE_MAX_QUERY_LEN else "prefill"
@@ -262,6 +273,7 @@ def plan_attention(
     else:
         splits = max(1, int(num_splits))
     splits = max(1, min(splits, max_splits))
+    preload = next_pow2(cfg.preload_tiles) if cfg.preload_tiles > 0 else 0
     return LaunchPlan(
         block_q=block_q,
         g_tile=g_tile,
@@ -276,6 +288,7 @@ def plan_attention(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         phased=regime == "prefill",
+        preload_tiles=preload if regime == "decode" and (block_n % block_size == 0 or block_size % block_n == 0) else 0,
     )
 
 

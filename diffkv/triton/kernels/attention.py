@@ -139,8 +139,8 @@ def _tanh(x):
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-    qk_scale, softcap_log2, window, stride_c0, stride_c1,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
+    qk_scale, softcap_log2, window, stride_c0, stride_c1, pages, PRELOADED: tl.constexpr,
+    PAGES_PER_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
     D2: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_ALIBI: tl.constexpr, ALIBI_SQRT: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
 ):
@@ -151,13 +151,27 @@ def _attend_tile(
     sequence, so no mask is computed and no load is predicated. ``MASKED=True``
     handles the tiles on the diagonal, the window's lower edge and the
     sequence end.
+
+    ``PRELOADED``: the caller read this tile's block-table entries ahead
+    (``pages``: ``[PAGES_PER_TILE]``, the tile's cache pages in order;
+    ignored otherwise), so
+    the K/V addresses depend on no load inside the KV loop and Triton's
+    software pipeliner can keep several tiles in flight (with a block-table
+    load in the loop it prefetches one tile only).
     """
     cn = tl.arange(0, BLOCK_N)
     d1 = tl.arange(0, D1)
     dv = tl.arange(0, DV_PAD)
     j = tile * BLOCK_N + cn  # key positions [BLOCK_N]
     col = j // BLOCK_SIZE
-    if MASKED:
+    if PRELOADED:
+        j_ok = (j < seq_len) & (col < num_bt_cols)
+        if PAGES_PER_TILE > 1:  # BLOCK_N == PAGES_PER_TILE * BLOCK_SIZE: token cn sits in page cn // BLOCK_SIZE
+            block = tl.reshape(tl.broadcast_to(pages[:, None], [PAGES_PER_TILE, BLOCK_SIZE]), [BLOCK_N])
+        else:  # the tile lies inside one page
+            block = tl.sum(pages, 0)
+        block = block.to(tl.int64)
+    elif MASKED:
         j_ok = (j < seq_len) & (col < num_bt_cols)
         block = tl.load(bt_row + col, mask=j_ok, other=0).to(tl.int64)
     else:
@@ -266,6 +280,8 @@ def _attention_kernel(
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
     PHASED: tl.constexpr,  # mask-free path for interior tiles
+    PRELOAD_TILES: tl.constexpr,  # > 0: read the block table ahead in chunks of this many KV tiles (unphased loop)
+    PAGES_PER_TILE: tl.constexpr,  # cache pages a KV tile spans (1 when a page holds the tile)
 ):
     # grid (Hkv * NUM_G_TILES, query tiles, splits): heads vary fastest so the
     # programs sharing K/V run together; query tiles run last-first, so in a
@@ -357,23 +373,38 @@ def _attention_kernel(
         for tile in range(tile_begin, int_lo):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
                 USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
         for tile in range(int_lo, int_hi):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
                 USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, False)
         for tile in range(int_hi, tile_end):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
                 USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
+    elif PRELOAD_TILES > 0:
+        # the block-table entries of PRELOAD_TILES tiles are read before the
+        # inner loop, which then has no dependent load and pipelines deeply
+        ct = tl.arange(0, PRELOAD_TILES)
+        pp = tl.arange(0, PAGES_PER_TILE)
+        for c0 in range(tile_begin, tile_end, PRELOAD_TILES):
+            page_col = ((c0 + ct) * BLOCK_N // BLOCK_SIZE)[:, None] + pp[None, :]  # [PRELOAD_TILES, PAGES_PER_TILE]
+            page_ok = (page_col < num_bt_cols) & (page_col * BLOCK_SIZE < seq_len)
+            chunk_pages = tl.load(bt_row + page_col, mask=page_ok, other=0)
+            for tile in range(c0, tl.minimum(c0 + PRELOAD_TILES, tile_end)):
+                pages = tl.sum(tl.where((ct == tile - c0)[:, None], chunk_pages, 0), 0)  # [PAGES_PER_TILE]
+                acc, m_i, l_i = _attend_tile(
+                    acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
+                    qk_scale, softcap_log2, window, stride_c0, stride_c1, pages, True, PAGES_PER_TILE, BLOCK_SIZE,
+                    BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD, USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
     else:
         for tile in range(tile_begin, tile_end):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV,
                 DV_PAD, USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
 
     dv = tl.arange(0, DV_PAD)
@@ -647,6 +678,8 @@ def _launch(
         SPLIT=split,
         IEEE=query.dtype == torch.float32,
         PHASED=plan.phased,
+        PRELOAD_TILES=plan.preload_tiles,
+        PAGES_PER_TILE=max(1, plan.block_n // block_size),
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
@@ -704,6 +737,7 @@ def plan_for(
         max_seq_len = block_table.shape[1] * block_size
     arch, num_sms = launch.device_arch(query.device, INTERPRETED)
     return launch.plan_attention(
+        block_size=block_size,
         num_tokens=T,
         num_seqs=S,
         num_heads=H,
