@@ -53,7 +53,7 @@ def compile_kernel(plan: launch.LaunchPlan, extra_constexprs: dict | None = None
         "IDX_Q": plan.block_q, "BLOCK_M": plan.block_m, "BLOCK_N": plan.block_n, "DQK": 192, "D1": plan.d1,
         "D2": plan.d2, "DV": 128, "DV_PAD": plan.dv_pad, "USE_SOFTCAP": False, "USE_WINDOW": False,
         "USE_ALIBI": False, "ALIBI_SQRT": False, "USE_SINKS": False, "SPLIT": plan.num_splits > 1, "IEEE": False,
-        "PHASED": plan.phased, "PRELOAD_TILES": plan.preload_tiles, "PAGES_PER_TILE": max(1, plan.block_n // 16),
+        "PHASED": plan.phased, "PRELOAD_TILES": plan.preload_tiles, "FOLD_SCALE": True, "PAGES_PER_TILE": max(1, plan.block_n // 16),
     }
     constexprs.update(extra_constexprs or {})
     types = dict(RUNTIME_ARGS)

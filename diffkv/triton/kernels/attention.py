@@ -143,6 +143,7 @@ def _attend_tile(
     PAGES_PER_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
     D2: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_ALIBI: tl.constexpr, ALIBI_SQRT: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+    FOLD_SCALE: tl.constexpr = False,
 ):
     """One KV tile of the online softmax.
 
@@ -197,6 +198,20 @@ def _attend_tile(
         else:
             k_b = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + d2[None, :])
         x = _dot(q_b, tl.trans(k_b), x, IEEE)
+    if FOLD_SCALE and not MASKED:
+        # plain interior tile, qk_scale > 0: the row max of the raw scores
+        # times qk_scale is the max of the scaled ones, and the scaling joins
+        # the exponent's subtraction in one FMA per score
+        m_new = tl.maximum(m_i, tl.max(x, 1) * qk_scale)
+        p = tl.exp2(x * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DV_PAD > DV:
+            v = _load_kv_tile(cache_ptr, kv_row[:, None] + DQK + dv[None, :], (dv < DV)[None, :])
+        else:
+            v = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + DQK + dv[None, :])
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        return acc, m_new, l_i
     x = x * qk_scale
     if USE_SOFTCAP:
         x = softcap_log2 * _tanh(x)
@@ -282,6 +297,7 @@ def _attention_kernel(
     PHASED: tl.constexpr,  # mask-free path for interior tiles
     PRELOAD_TILES: tl.constexpr,  # > 0: read the block table ahead in chunks of this many KV tiles (unphased loop)
     PAGES_PER_TILE: tl.constexpr,  # cache pages a KV tile spans (1 when a page holds the tile)
+    FOLD_SCALE: tl.constexpr,  # qk_scale > 0, no softcap / ALiBi: interior tiles scale inside the exponent's FMA
 ):
     # grid (Hkv * NUM_G_TILES, query tiles, splits): heads vary fastest so the
     # programs sharing K/V run together; query tiles run last-first, so in a
@@ -379,7 +395,7 @@ def _attention_kernel(
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
                 qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
-                USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, False)
+                USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, False, FOLD_SCALE)
         for tile in range(int_hi, tile_end):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
@@ -578,6 +594,10 @@ def paged_attention(
                    use_alibi_sqrt=use_alibi_sqrt, sinks=sinks, q_len_range=(0, 2**31 - 1))
 
 
+_FOLD_SCALE = True
+"""Interior tiles fold the score scale into the exponent's FMA where allowed
+(perf/exp11.py switches it off to measure the difference)."""
+
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
@@ -680,6 +700,7 @@ def _launch(
         PHASED=plan.phased,
         PRELOAD_TILES=plan.preload_tiles,
         PAGES_PER_TILE=max(1, plan.block_n // block_size),
+        FOLD_SCALE=bool(_FOLD_SCALE and scale > 0 and not use_softcap and alibi_slopes is None),
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
