@@ -27,6 +27,7 @@ RUNTIME_ARGS = [
     ("q_ptr", "*bf16"), ("cache_ptr", "*bf16"), ("out_ptr", "*bf16"), ("qsl_ptr", "*i32"),
     ("seq_lens_ptr", "*i32"), ("bt_ptr", "*i32"), ("alibi_ptr", "*fp32"), ("sinks_ptr", "*fp32"),
     ("part_out_ptr", "*fp32"), ("part_max_ptr", "*fp32"), ("part_sum_ptr", "*fp32"),
+    ("ka_desc", "*bf16"), ("kb_desc", "*bf16"), ("v_desc", "*bf16"), ("kv_start_ptr", "*i32"),
     ("num_seqs", "i32"), ("num_heads", "i32"), ("num_bt_cols", "i32"), ("num_splits", "i32"),
     ("q_len_lo", "i32"), ("q_len_hi", "i32"), ("qk_scale", "fp32"), ("softcap_log2", "fp32"), ("window", "i32"),
     ("stride_q0", "i32"), ("stride_q1", "i32"), ("stride_c0", "i32"), ("stride_c1", "i32"), ("stride_c2", "i32"),
@@ -53,7 +54,7 @@ def compile_kernel(plan: launch.LaunchPlan, extra_constexprs: dict | None = None
         "IDX_Q": plan.block_q, "BLOCK_M": plan.block_m, "BLOCK_N": plan.block_n, "DQK": 192, "D1": plan.d1,
         "D2": plan.d2, "DV": 128, "DV_PAD": plan.dv_pad, "USE_SOFTCAP": False, "USE_WINDOW": False,
         "USE_ALIBI": False, "ALIBI_SQRT": False, "USE_SINKS": False, "SPLIT": plan.num_splits > 1, "IEEE": False,
-        "PHASED": plan.phased, "PRELOAD_TILES": plan.preload_tiles, "FOLD_SCALE": True, "PAGES_PER_TILE": max(1, plan.block_n // 16),
+        "PHASED": plan.phased, "PRELOAD_TILES": plan.preload_tiles, "FOLD_SCALE": True, "KV_DESC": False, "PAGES_PER_TILE": max(1, plan.block_n // 16),
     }
     constexprs.update(extra_constexprs or {})
     types = dict(RUNTIME_ARGS)

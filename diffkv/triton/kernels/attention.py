@@ -140,7 +140,8 @@ def _tanh(x):
 def _attend_tile(
     acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
     qk_scale, softcap_log2, window, stride_c0, stride_c1, pages, PRELOADED: tl.constexpr,
-    PAGES_PER_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
+    PAGES_PER_TILE: tl.constexpr, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, KV_DESC: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK: tl.constexpr, D1: tl.constexpr,
     D2: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_ALIBI: tl.constexpr, ALIBI_SQRT: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
     FOLD_SCALE: tl.constexpr = False,
@@ -164,40 +165,50 @@ def _attend_tile(
     d1 = tl.arange(0, D1)
     dv = tl.arange(0, DV_PAD)
     j = tile * BLOCK_N + cn  # key positions [BLOCK_N]
-    col = j // BLOCK_SIZE
-    if PRELOADED:
-        j_ok = (j < seq_len) & (col < num_bt_cols)
-        if PAGES_PER_TILE > 1:  # BLOCK_N == PAGES_PER_TILE * BLOCK_SIZE: token cn sits in page cn // BLOCK_SIZE
-            block = tl.reshape(tl.broadcast_to(pages[:, None], [PAGES_PER_TILE, BLOCK_SIZE]), [BLOCK_N])
-        else:  # the tile lies inside one page
-            block = tl.sum(pages, 0)
-        block = block.to(tl.int64)
-    elif MASKED:
-        j_ok = (j < seq_len) & (col < num_bt_cols)
-        block = tl.load(bt_row + col, mask=j_ok, other=0).to(tl.int64)
+    if KV_DESC:
+        # contiguous K/V rows (a gathered copy), read by tensor descriptors
+        j_ok = j < seq_len
+        kv_desc_row = kv_row0 + tile * BLOCK_N
+        k_a = ka_desc.load([kv_desc_row, kv_col0])  # [BLOCK_N, D1]
+        x = _dot(q_a, tl.trans(k_a), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        if D2 > 0:
+            k_b = kb_desc.load([kv_desc_row, kv_col0 + D1])  # [BLOCK_N, D2]
+            x = _dot(q_b, tl.trans(k_b), x, IEEE)
     else:
-        j_ok = cn < BLOCK_N
-        block = tl.load(bt_row + col).to(tl.int64)
-    kv_row = block * stride_c0 + (j % BLOCK_SIZE).to(tl.int64) * stride_c1 + head_off  # [BLOCK_N]
-    # scores [BLOCK_M, BLOCK_N]; K tiles read [BLOCK_N, D] (rows contiguous) and transposed
-    k_mask = j_ok[:, None]
-    if D1 > DQK:
-        k_mask = k_mask & (d1[None, :] < DQK)
-    if MASKED or D1 > DQK:
-        k_a = _load_kv_tile(cache_ptr, kv_row[:, None] + d1[None, :], k_mask)
-    else:
-        k_a = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + d1[None, :])
-    x = _dot(q_a, tl.trans(k_a), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-    if D2 > 0:
-        d2 = D1 + tl.arange(0, D2)
-        k_mask2 = j_ok[:, None]
-        if D1 + D2 > DQK:
-            k_mask2 = k_mask2 & (d2[None, :] < DQK)
-        if MASKED or D1 + D2 > DQK:
-            k_b = _load_kv_tile(cache_ptr, kv_row[:, None] + d2[None, :], k_mask2)
+        col = j // BLOCK_SIZE
+        if PRELOADED:
+            j_ok = (j < seq_len) & (col < num_bt_cols)
+            if PAGES_PER_TILE > 1:  # BLOCK_N == PAGES_PER_TILE * BLOCK_SIZE: token cn sits in page cn // BLOCK_SIZE
+                block = tl.reshape(tl.broadcast_to(pages[:, None], [PAGES_PER_TILE, BLOCK_SIZE]), [BLOCK_N])
+            else:  # the tile lies inside one page
+                block = tl.sum(pages, 0)
+            block = block.to(tl.int64)
+        elif MASKED:
+            j_ok = (j < seq_len) & (col < num_bt_cols)
+            block = tl.load(bt_row + col, mask=j_ok, other=0).to(tl.int64)
         else:
-            k_b = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + d2[None, :])
-        x = _dot(q_b, tl.trans(k_b), x, IEEE)
+            j_ok = cn < BLOCK_N
+            block = tl.load(bt_row + col).to(tl.int64)
+        kv_row = block * stride_c0 + (j % BLOCK_SIZE).to(tl.int64) * stride_c1 + head_off  # [BLOCK_N]
+        # scores [BLOCK_M, BLOCK_N]; K tiles read [BLOCK_N, D] (rows contiguous) and transposed
+        k_mask = j_ok[:, None]
+        if D1 > DQK:
+            k_mask = k_mask & (d1[None, :] < DQK)
+        if MASKED or D1 > DQK:
+            k_a = _load_kv_tile(cache_ptr, kv_row[:, None] + d1[None, :], k_mask)
+        else:
+            k_a = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + d1[None, :])
+        x = _dot(q_a, tl.trans(k_a), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        if D2 > 0:
+            d2 = D1 + tl.arange(0, D2)
+            k_mask2 = j_ok[:, None]
+            if D1 + D2 > DQK:
+                k_mask2 = k_mask2 & (d2[None, :] < DQK)
+            if MASKED or D1 + D2 > DQK:
+                k_b = _load_kv_tile(cache_ptr, kv_row[:, None] + d2[None, :], k_mask2)
+            else:
+                k_b = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + d2[None, :])
+            x = _dot(q_b, tl.trans(k_b), x, IEEE)
     if FOLD_SCALE and not MASKED:
         # plain interior tile, qk_scale > 0: the row max of the raw scores
         # times qk_scale is the max of the scaled ones, and the scaling joins
@@ -206,7 +217,9 @@ def _attend_tile(
         p = tl.exp2(x * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if DV_PAD > DV:
+        if KV_DESC:
+            v = v_desc.load([kv_desc_row, kv_col0 + DQK])
+        elif DV_PAD > DV:
             v = _load_kv_tile(cache_ptr, kv_row[:, None] + DQK + dv[None, :], (dv < DV)[None, :])
         else:
             v = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + DQK + dv[None, :])
@@ -235,7 +248,9 @@ def _attend_tile(
     p = tl.exp2(x - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED or DV_PAD > DV:
+    if KV_DESC:
+        v = v_desc.load([kv_desc_row, kv_col0 + DQK])  # rows past the sequence: finite (other rows or zeros)
+    elif MASKED or DV_PAD > DV:
         v = _load_kv_tile(cache_ptr, kv_row[:, None] + DQK + dv[None, :], j_ok[:, None] & (dv[None, :] < DV))
     else:
         v = _load_kv_tile_unmasked(cache_ptr, kv_row[:, None] + DQK + dv[None, :])
@@ -257,6 +272,10 @@ def _attention_kernel(
     part_out_ptr,  # [T, H, num_splits, DV] fp32 (SPLIT)
     part_max_ptr,  # [T, H, num_splits] fp32 (SPLIT)
     part_sum_ptr,  # [T, H, num_splits] fp32 (SPLIT)
+    ka_desc,  # KV_DESC: descriptors over contiguous K/V rows [rows, Hkv * (DQK + DV)]
+    kb_desc,
+    v_desc,
+    kv_start_ptr,  # KV_DESC: [S] int32, first row of each sequence
     num_seqs,
     num_heads,
     num_bt_cols,
@@ -298,6 +317,7 @@ def _attention_kernel(
     PRELOAD_TILES: tl.constexpr,  # > 0: read the block table ahead in chunks of this many KV tiles (unphased loop)
     PAGES_PER_TILE: tl.constexpr,  # cache pages a KV tile spans (1 when a page holds the tile)
     FOLD_SCALE: tl.constexpr,  # qk_scale > 0, no softcap / ALiBi: interior tiles scale inside the exponent's FMA
+    KV_DESC: tl.constexpr,  # K/V from a contiguous copy through tensor descriptors (experiment 12)
 ):
     # grid (Hkv * NUM_G_TILES, query tiles, splits): heads vary fastest so the
     # programs sharing K/V run together; query tiles run last-first, so in a
@@ -373,6 +393,11 @@ def _attention_kernel(
 
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt0
     head_off = kvh.to(tl.int64) * stride_c2
+    if KV_DESC:
+        kv_row0 = tl.load(kv_start_ptr + s)
+    else:
+        kv_row0 = 0
+    kv_col0 = kvh * (DQK + DV)
     if not USE_ALIBI:
         slope = 0.0
     # interior tiles [int_lo, int_hi): every key visible to every row of the
@@ -389,17 +414,17 @@ def _attention_kernel(
         for tile in range(tile_begin, int_lo):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, KV_DESC, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
                 USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
         for tile in range(int_lo, int_hi):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, KV_DESC, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
                 USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, False, FOLD_SCALE)
         for tile in range(int_hi, tile_end):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, KV_DESC, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
                 USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
     elif PRELOAD_TILES > 0:
         # the block-table entries of PRELOAD_TILES tiles are read before the
@@ -414,13 +439,14 @@ def _attention_kernel(
                 pages = tl.sum(tl.where((ct == tile - c0)[:, None], chunk_pages, 0), 0)  # [PAGES_PER_TILE]
                 acc, m_i, l_i = _attend_tile(
                     acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                    qk_scale, softcap_log2, window, stride_c0, stride_c1, pages, True, PAGES_PER_TILE, BLOCK_SIZE,
+                    qk_scale, softcap_log2, window, stride_c0, stride_c1, pages, True, PAGES_PER_TILE, ka_desc, kb_desc, v_desc, kv_row0, kv_col0,
+                    KV_DESC, BLOCK_SIZE,
                     BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD, USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
     else:
         for tile in range(tile_begin, tile_end):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV,
+                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, KV_DESC, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV,
                 DV_PAD, USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
 
     dv = tl.arange(0, DV_PAD)
@@ -630,6 +656,7 @@ def _launch(
     sinks: torch.Tensor | None,
     q_len_range: tuple[int, int],
     idx_q: int | None = None,
+    kv_desc: tuple | None = None,
 ) -> torch.Tensor:
     """One attention launch (+ reduce when split) for the sequences whose
     ``q_len`` lies in ``q_len_range``. ``idx_q`` (>= plan.block_q) is the
@@ -660,6 +687,7 @@ def _launch(
         part_out,
         part_max,
         part_sum,
+        *(kv_desc if kv_desc is not None else (dummy, dummy, dummy, dummy)),
         S,
         H,
         block_table.shape[1],
@@ -701,6 +729,7 @@ def _launch(
         PRELOAD_TILES=plan.preload_tiles,
         PAGES_PER_TILE=max(1, plan.block_n // block_size),
         FOLD_SCALE=bool(_FOLD_SCALE and scale > 0 and not use_softcap and alibi_slopes is None),
+        KV_DESC=kv_desc is not None,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
