@@ -27,7 +27,7 @@ RUNTIME_ARGS = [
     ("q_ptr", "*bf16"), ("cache_ptr", "*bf16"), ("out_ptr", "*bf16"), ("qsl_ptr", "*i32"),
     ("seq_lens_ptr", "*i32"), ("bt_ptr", "*i32"), ("alibi_ptr", "*fp32"), ("sinks_ptr", "*fp32"),
     ("part_out_ptr", "*fp32"), ("part_max_ptr", "*fp32"), ("part_sum_ptr", "*fp32"),
-    ("ka_desc", "*bf16"), ("kb_desc", "*bf16"), ("v_desc", "*bf16"), ("kv_start_ptr", "*i32"),
+    ("ka_desc", "*bf16"), ("kb_desc", "*bf16"), ("v_desc", "*bf16"), ("kv_start_ptr", "*i32"), ("kv_capacity", "i32"),
     ("num_seqs", "i32"), ("num_heads", "i32"), ("num_bt_cols", "i32"), ("num_splits", "i32"),
     ("q_len_lo", "i32"), ("q_len_hi", "i32"), ("qk_scale", "fp32"), ("softcap_log2", "fp32"), ("window", "i32"),
     ("stride_q0", "i32"), ("stride_q1", "i32"), ("stride_c0", "i32"), ("stride_c1", "i32"), ("stride_c2", "i32"),

@@ -343,3 +343,34 @@ def test_hypothesis_decode_class_api(case, num_splits):
     s, features = case
     batch = make_batch(s, features, device=DEV)
     check_output(run_class_api(batch, num_splits=num_splits), batch, what=f"splits={num_splits}")
+
+
+# --------------------------------------------- prefill K/V gathered copy (TMA)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_prefill_reads_the_gathered_copy_on_hopper(dtype, monkeypatch):
+    """On sm_90+ the class API's prefill launches gather K/V into the
+    builder's buffer and read it through tensor descriptors (exact against the
+    reference); where the buffer is too small for the real lengths, sequences
+    that do not fit read the paged cache."""
+    from diffkv.triton.kernels import attention as tk
+    from diffkv.triton.kernels import gather
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90+")
+    calls = []
+    real = gather.gather_kv
+    monkeypatch.setattr(gather, "gather_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = gpu_batch(spec(BATCH_CLASSES["chunked_prefill"] + BATCH_CLASSES["full_prefill"], dtype),
+                      FEATURES["all_linear"])
+    check_output(run_class_api(batch), batch, what="gathered prefill")
+    assert calls, "the prefill launch did not gather"
+    calls.clear()
+    T, H, Dqk = batch.query.shape
+    ws = tk.Workspace.allocate(64, H, 128, DEV, kv_rows=600, kv_row_width=2 * (Dqk + 128), kv_dtype=dtype)
+    out = batch.fresh_out()
+    kw = batch.attention_kwargs()
+    kw.update(alibi_slopes=batch.alibi_slopes.to(DEV, torch.float32), sinks=batch.sinks.to(DEV, torch.float32))
+    tk.paged_attention(batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_table, out,
+                       workspace=ws, max_query_len=200, max_seq_len=100, **kw)
+    assert calls, "the gathered path was not taken"
+    check_output(out, batch, what="gather buffer overflow")

@@ -350,3 +350,80 @@ def test_mixed_launches_partition_sequences_for_any_metadata_values():
     tk.paged_attention(batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_table, out,
                        scale=batch.scale, sinks=sinks, alibi_slopes=slopes, max_seq_len=40, **captured)
     check_output(out, batch, what="mixed launches with stale host hints")
+
+
+# --------------------------------------------- prefill K/V gathered copy (TMA)
+GATHER_SEQS = (SeqShape(q_len=17, context_len=0), SeqShape(q_len=1, context_len=40), SeqShape(q_len=11, context_len=21),
+               SeqShape(q_len=0, context_len=9), SeqShape(q_len=9, context_len=50))
+
+
+def test_gather_copies_the_served_sequences_rows_and_nothing_else():
+    """Each served sequence's K/V rows land at kv_start + j in order (pages
+    permuted, slots past the sequence poisoned); sequences of the other
+    q_len class and rows past the buffer's capacity are not written."""
+    from diffkv.triton.kernels import gather
+
+    batch = make_batch(BatchSpec(seqs=GATHER_SEQS, num_heads=4, num_kv_heads=2, head_size=48, head_size_v=32,
+                                 block_size=16, dtype=torch.float16, seed=5))
+    served = [s.q_len >= 2 for s in batch.spec.seqs]
+    need = sum(s.seq_len for s, ok in zip(batch.spec.seqs, served) if ok)
+    capacity = need - 5  # the last served sequence loses its last 5 rows
+    width = batch.kv_cache.shape[2] * batch.kv_cache.shape[3]
+    buf = torch.full((capacity + 8, width), -7.0, dtype=torch.float16)
+    view = buf[:capacity]
+    kv_start = gather.kv_start_for(batch.query_start_loc, batch.seq_lens, (2, 2**31 - 1))
+    gather.gather_kv(batch.kv_cache, view, batch.query_start_loc, batch.seq_lens, batch.block_table, kv_start,
+                     max_seq_len=8, q_len_range=(2, 2**31 - 1))  # a hint far below the lengths: still copied whole
+    expected = torch.full_like(buf, -7.0)
+    row = 0
+    for s, (shape, ok) in enumerate(zip(batch.spec.seqs, served)):
+        if not ok:
+            continue
+        assert int(kv_start[s]) == row
+        for j in range(shape.seq_len):
+            if row + j < capacity:
+                block = int(batch.block_table[s, j // 16])
+                expected[row + j] = batch.kv_cache[block, j % 16].reshape(-1)
+        row += shape.seq_len
+    assert torch.equal(buf.view(torch.int16), expected.view(torch.int16))
+
+
+def test_prefill_reads_the_gathered_copy_through_descriptors(monkeypatch):
+    """The class API's builder holds a gather buffer; a prefill batch goes
+    through it (gather launched, descriptor path) and matches the reference,
+    for every feature."""
+    from diffkv.triton.kernels import gather
+
+    calls = []
+    real = gather.gather_kv
+    monkeypatch.setattr(gather, "gather_kv", lambda *a, **k: calls.append(k["q_len_range"]) or real(*a, **k))
+    for name, features in FEATURES.items():
+        batch = make_batch(BatchSpec(seqs=GATHER_SEQS, num_heads=4, num_kv_heads=2, head_size=48, head_size_v=32,
+                                     block_size=16, dtype=torch.float16, padding_rows=2, seed=3), features)
+        calls.clear()
+        check_output(run_class_api(batch), batch, what=f"gathered prefill, {name}")
+        assert calls, f"{name}: the prefill launch did not gather"
+
+
+def test_gathered_copy_too_small_falls_back_to_paged_reads_per_sequence(monkeypatch):
+    """Host hints (here a max_seq_len far below the real lengths) only steer
+    performance: when the served sequences' rows overflow the gather buffer,
+    the sequences that do not fit read the paged cache, and every row is
+    still exact."""
+    from diffkv.triton.kernels import gather
+
+    calls = []
+    real = gather.gather_kv
+    monkeypatch.setattr(gather, "gather_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = BatchSpec(seqs=(SeqShape(17, 0), SeqShape(11, 21), SeqShape(9, 50)), num_heads=4, num_kv_heads=2,
+                     head_size=48, head_size_v=32, block_size=16, dtype=torch.float16, padding_rows=2, seed=9)
+    batch = make_batch(spec, LayerFeatures(sinks=True))
+    T, H, _ = batch.query.shape
+    ws = tk.Workspace.allocate(64, H, 32, "cpu", kv_rows=40, kv_row_width=2 * 80, kv_dtype=torch.float16)
+    out = batch.fresh_out()
+    kw = batch.attention_kwargs()
+    kw["sinks"] = batch.sinks.float()
+    tk.paged_attention(batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_table, out,
+                       workspace=ws, max_query_len=17, max_seq_len=12, **kw)
+    assert calls, "the gathered path was not taken"
+    check_output(out, batch, what="gather buffer overflow")

@@ -31,14 +31,28 @@ class TritonMetadataBuilder(DiffKVMetadataBuilder):
 
     The workspace holds ``launch.split_rows_capacity(max_num_batched_tokens)``
     (query token x split) rows of ``num_heads x head_size_v`` fp32 partial
-    outputs; it is allocated here, once, and reused by every build.
+    outputs and, on Hopper (or the interpreter) with a 16-bit cache, a K/V
+    gather buffer of
+    ``launch.gather_rows_capacity(max_num_batched_tokens)`` token rows for the
+    prefill path through tensor descriptors; it is allocated here, once, and
+    reused by every build.
     """
 
     def __init__(self, kv_cache_spec: KVCacheSpec, device: torch.device | str, *, num_blocks: int | None = None,
                  validate: bool = True) -> None:
         super().__init__(kv_cache_spec, device, num_blocks=num_blocks, validate=validate)
-        rows = launch.split_rows_capacity(kv_cache_spec.max_num_batched_tokens)
-        self.workspace = Workspace.allocate(rows, kv_cache_spec.num_heads, kv_cache_spec.head_size_v, self.device)
+        spec = kv_cache_spec
+        rows = launch.split_rows_capacity(spec.max_num_batched_tokens)
+        # K/V gather buffer for the prefill path through tensor descriptors
+        # (Hopper and later, 16-bit caches): launch.gather_rows_capacity rows
+        kv_rows = 0
+        on_tma = _attention.INTERPRETED or (self.device.type == "cuda"
+                                            and launch.device_arch(self.device, False)[0] == "sm90")
+        if on_tma and spec.dtype in (torch.float16, torch.bfloat16):
+            kv_rows = launch.gather_rows_capacity(spec.max_num_batched_tokens)
+        self.workspace = Workspace.allocate(rows, spec.num_heads, spec.head_size_v, self.device, kv_rows=kv_rows,
+                                            kv_row_width=spec.num_kv_heads * (spec.head_size + spec.head_size_v),
+                                            kv_dtype=spec.dtype)
 
     def make_workspace(self, common: CommonAttentionMetadata) -> Workspace:
         return self.workspace
@@ -179,12 +193,26 @@ class TritonBackend(DiffKVBackend):
         budget = max(1, launch.split_rows_capacity(T) // max(1, T))
         plan = _attention.plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_q, num_splits=num_splits,
                                    max_splits=budget, sliding_window=sliding_window)
-        workspace = Workspace.allocate(T * plan.num_splits, H, Dv, dev) if plan.num_splits > 1 else None
+        # K/V rows gathered for the prefill descriptor path (sm_90+, 16-bit):
+        # room for the served sequences at the longest length (the launcher's
+        # bound), from the host copy of seq_lens
+        kv_rows = 0
+        max_seq = int(seq_lens.max().cpu()) if seq_lens.numel() else 0
+        on_tma = _attention.INTERPRETED or (dev.type == "cuda" and launch.device_arch(dev, False)[0] == "sm90")
+        if on_tma and query.dtype in (torch.float16, torch.bfloat16) and max_q > launch.DECODE_MAX_QUERY_LEN:
+            n_dec = int(decode_q_lens.numel())
+            served = q_lens.numel() - n_dec if 0 < n_dec < q_lens.numel() else q_lens.numel()
+            kv_rows = served * max_seq
+        workspace = None
+        if plan.num_splits > 1 or kv_rows > 0:
+            workspace = Workspace.allocate(T * plan.num_splits if plan.num_splits > 1 else 0, H, Dv, dev,
+                                           kv_rows=kv_rows, kv_row_width=kv_cache.shape[2] * kv_cache.shape[3],
+                                           kv_dtype=kv_cache.dtype)
         return _attention.paged_attention(
             query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
             sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
             use_alibi_sqrt=use_alibi_sqrt, sinks=sinks, workspace=workspace, num_splits=plan.num_splits,
-            max_query_len=max_q, num_decode_seqs=int(decode_q_lens.numel()),
+            max_query_len=max_q, max_seq_len=max_seq, num_decode_seqs=int(decode_q_lens.numel()),
             max_decode_query_len=int(decode_q_lens.max()) if decode_q_lens.numel() else 0,
         )
 

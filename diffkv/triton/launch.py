@@ -71,6 +71,10 @@ class TileConfig:
             this many KV tiles, so the KV loop has no dependent load and
             pipelines ``num_stages`` deep (0: read it tile by tile; Triton
             then prefetches one tile only).
+        gathered_block_n, gathered_stages: prefill regime, > 0: where the
+            workspace has room, the served sequences' K/V rows are first copied
+            into one contiguous buffer and read through tensor descriptors with
+            these KV tiles and pipeline depth (0: always the paged path).
     """
 
     block_m: int
@@ -80,6 +84,8 @@ class TileConfig:
     min_tiles_per_split: int = 4
     max_g_tile: int = 128
     preload_tiles: int = 8
+    gathered_block_n: int = 0
+    gathered_stages: int = 0
 
 
 # (arch, regime, dtype class, head class) -> TileConfig, refined by
@@ -89,7 +95,7 @@ class TileConfig:
 # tiles, no spills). head class: "big" when max(Dqk, Dv) > 192, else "small".
 # Entries were checked for register spills with ptxas (sm_90a): none spill.
 TUNED_CONFIGS: dict[tuple, TileConfig] = {
-    ("sm90", "prefill", "16bit", "small"): TileConfig(128, 128, 8, 2),
+    ("sm90", "prefill", "16bit", "small"): TileConfig(128, 128, 8, 2, gathered_block_n=64, gathered_stages=3),
     ("sm90", "decode", "16bit", "small"): TileConfig(64, 64, 4, 3, 4, preload_tiles=8),
     ("sm90", "prefill", "16bit", "big"): TileConfig(64, 32, 4, 2),
     ("sm90", "decode", "16bit", "big"): TileConfig(64, 32, 4, 3),
@@ -97,7 +103,7 @@ TUNED_CONFIGS: dict[tuple, TileConfig] = {
     ("sm90", "decode", "fp32", "small"): TileConfig(16, 16, 4, 1),
     ("sm90", "prefill", "fp32", "big"): TileConfig(16, 16, 4, 1),
     ("sm90", "decode", "fp32", "big"): TileConfig(16, 16, 4, 1),
-    ("sm90", "prefill", "16bit", 192, 128): TileConfig(128, 128, 8, 2),
+    ("sm90", "prefill", "16bit", 192, 128): TileConfig(128, 128, 8, 2, gathered_block_n=64, gathered_stages=3),
     ("sm90", "decode", "16bit", 192, 128): TileConfig(64, 64, 4, 3, 4, preload_tiles=8),
     ("sm80", "prefill", "16bit", "small"): TileConfig(64, 64, 4, 2),
     ("sm80", "decode", "16bit", "small"): TileConfig(64, 64, 4, 2),
@@ -107,7 +113,7 @@ TUNED_CONFIGS: dict[tuple, TileConfig] = {
     ("sm80", "decode", "fp32", "small"): TileConfig(16, 16, 4, 1),
     ("sm80", "prefill", "fp32", "big"): TileConfig(16, 16, 4, 1),
     ("sm80", "decode", "fp32", "big"): TileConfig(16, 16, 4, 1),
-    ("interpreter", "prefill", "16bit", "small"): TileConfig(32, 16, 4, 1, 1),
+    ("interpreter", "prefill", "16bit", "small"): TileConfig(32, 16, 4, 1, 1, gathered_block_n=16, gathered_stages=1),
     ("interpreter", "decode", "16bit", "small"): TileConfig(16, 16, 4, 1, 1, preload_tiles=2),
     ("interpreter", "prefill", "fp32", "small"): TileConfig(32, 16, 4, 1, 1),
     ("interpreter", "decode", "fp32", "small"): TileConfig(16, 16, 4, 1, 1, preload_tiles=2),
@@ -134,6 +140,8 @@ class LaunchPlan:
             regime; decode programs visit few tiles, one masked loop is faster).
         preload_tiles: unphased loop: block-table entries read ahead in
             chunks of this many tiles (0: tile by tile).
+        gathered: K/V come from the contiguous gathered copy through tensor
+            descriptors (prefill regime).
     """
 
     block_q: int
@@ -150,6 +158,7 @@ class LaunchPlan:
     num_stages: int
     phased: bool = True
     preload_tiles: int = 0
+    gathered: bool = False
 
 
 WINDOW_DECODE_BLOCK_N = 64
@@ -221,6 +230,7 @@ def plan_attention(
     num_splits: int | None = None,
     sliding_window: int | None = None,
     block_size: int = 16,
+    gathered: bool = False,
 ) -> LaunchPlan:
     """Choose tiles and the KV split count.
 
@@ -239,6 +249,9 @@ def plan_attention(
             shrink so the bytes read stay close to the window's).
         block_size: cache page size (block-table read-ahead needs tiles and
             pages that nest: one divides the other).
+        gathered: the caller can gather K/V into a contiguous buffer and read
+            it through tensor descriptors; the plan uses it where the tuned
+            entry has a ``gathered_block_n`` (prefill regime).
     """
     G = num_heads // num_kv_heads
     regime = "decode" if max_query_len <= DECODE_MAX_QUERY_LEN else "prefill"
@@ -258,6 +271,10 @@ def plan_attention(
         block_m = 16
     d1, d2 = split_head_dim(head_size)
     block_n = cfg.block_n
+    num_stages = cfg.num_stages
+    use_gathered = bool(gathered and regime == "prefill" and cfg.gathered_block_n > 0)
+    if use_gathered:
+        block_n, num_stages = cfg.gathered_block_n, cfg.gathered_stages
     if regime == "decode" and sliding_window is not None and sliding_window <= 16 * WINDOW_DECODE_BLOCK_N:
         block_n = min(block_n, WINDOW_DECODE_BLOCK_N)
 
@@ -286,8 +303,9 @@ def plan_attention(
         num_splits=splits,
         splits_pad=next_pow2(splits),
         num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=num_stages,
         phased=regime == "prefill",
+        gathered=use_gathered,
         preload_tiles=preload if regime == "decode" and (block_n % block_size == 0 or block_size % block_n == 0) else 0,
     )
 
@@ -305,6 +323,19 @@ def device_arch(device: torch.device, interpreted: bool) -> tuple[str, int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     cc, sms = _cuda_props(index)
     return ("sm90" if cc >= 90 else "sm80"), sms
+
+
+GATHER_ROW_BUDGET = 32768
+"""Tokens of K/V a builder's gather buffer holds (contiguous copy of the
+prefill sequences' rows, read through tensor descriptors): ``max(this,
+max_num_batched_tokens)`` rows of ``Hkv * (Dqk + Dv)`` 16-bit values (84 MB at
+Hkv=4, Dqk=192, Dv=128). Prefill batches whose K/V do not fit take the paged
+path."""
+
+
+def gather_rows_capacity(max_num_batched_tokens: int) -> int:
+    """Rows of the K/V gather buffer a builder preallocates."""
+    return max(GATHER_ROW_BUDGET, max_num_batched_tokens)
 
 
 def split_rows_capacity(max_num_batched_tokens: int) -> int:

@@ -54,6 +54,12 @@ import triton
 import triton.language as tl
 
 from diffkv.triton import launch
+from diffkv.triton.kernels import gather as _gather
+
+try:  # host-side tensor descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the paged path only
+    _TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 
@@ -69,18 +75,27 @@ class Workspace:
         partial_out: ``[rows * H * Dv]`` unnormalised partial outputs.
         partial_max: ``[rows * H]`` running maxima (log2 units).
         partial_sum: ``[rows * H]`` running sums of exponentials.
+        kv_rows: ``[capacity, Hkv * (Dqk + Dv)]`` (cache dtype) or None:
+            contiguous copy of the prefill sequences' K/V rows, read through
+            tensor descriptors (see :mod:`diffkv.triton.kernels.gather`).
     """
 
     partial_out: torch.Tensor
     partial_max: torch.Tensor
     partial_sum: torch.Tensor
+    kv_rows: torch.Tensor | None = None
 
     @classmethod
-    def allocate(cls, rows: int, num_heads: int, head_size_v: int, device: torch.device | str) -> Workspace:
+    def allocate(cls, rows: int, num_heads: int, head_size_v: int, device: torch.device | str, *,
+                 kv_rows: int = 0, kv_row_width: int = 0, kv_dtype: torch.dtype | None = None) -> Workspace:
+        """``rows`` (query token x split) rows of split-KV scratch; with
+        ``kv_rows > 0`` also a K/V gather buffer of that many token rows of
+        ``kv_row_width`` values of ``kv_dtype``."""
         return cls(
             partial_out=torch.empty(rows * num_heads * head_size_v, dtype=torch.float32, device=device),
             partial_max=torch.empty(rows * num_heads, dtype=torch.float32, device=device),
             partial_sum=torch.empty(rows * num_heads, dtype=torch.float32, device=device),
+            kv_rows=(torch.empty(kv_rows, kv_row_width, dtype=kv_dtype, device=device) if kv_rows > 0 else None),
         )
 
     def max_splits(self, num_tokens: int, num_heads: int, head_size_v: int) -> int:
@@ -249,7 +264,9 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
     if KV_DESC:
-        v = v_desc.load([kv_desc_row, kv_col0 + DQK])  # rows past the sequence: finite (other rows or zeros)
+        v = v_desc.load([kv_desc_row, kv_col0 + DQK])
+        if MASKED:  # rows past the sequence hold anything (other sequences, never-written memory)
+            v = tl.where(j_ok[:, None], v, 0.0)
     elif MASKED or DV_PAD > DV:
         v = _load_kv_tile(cache_ptr, kv_row[:, None] + DQK + dv[None, :], j_ok[:, None] & (dv[None, :] < DV))
     else:
@@ -257,6 +274,36 @@ def _attend_tile(
     acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
     return acc, m_new, l_i
 
+
+
+@triton.jit
+def _phased_tiles(
+    acc, m_i, l_i, tile_begin, int_lo, int_hi, tile_end, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len,
+    num_bt_cols, slope, qk_scale, softcap_log2, window, stride_c0, stride_c1, ka_desc, kb_desc, v_desc, kv_row0,
+    kv_col0, USE_DESC: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DQK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, ALIBI_SQRT: tl.constexpr,
+    IEEE: tl.constexpr, FOLD_SCALE: tl.constexpr,
+):
+    """The KV tiles of a prefill program in three loops: masked tiles below
+    the window's edge, interior tiles (mask-free), masked tiles from the
+    diagonal on. ``USE_DESC``: K/V from the gathered copy (descriptors)."""
+    for tile in range(tile_begin, int_lo):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
+            qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, USE_DESC, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+            USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
+    for tile in range(int_lo, int_hi):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
+            qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, USE_DESC, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+            USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, False, FOLD_SCALE)
+    for tile in range(int_hi, tile_end):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
+            qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, USE_DESC, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
+            USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -276,6 +323,7 @@ def _attention_kernel(
     kb_desc,
     v_desc,
     kv_start_ptr,  # KV_DESC: [S] int32, first row of each sequence
+    kv_capacity,  # KV_DESC: rows of the gathered copy
     num_seqs,
     num_heads,
     num_bt_cols,
@@ -317,7 +365,7 @@ def _attention_kernel(
     PRELOAD_TILES: tl.constexpr,  # > 0: read the block table ahead in chunks of this many KV tiles (unphased loop)
     PAGES_PER_TILE: tl.constexpr,  # cache pages a KV tile spans (1 when a page holds the tile)
     FOLD_SCALE: tl.constexpr,  # qk_scale > 0, no softcap / ALiBi: interior tiles scale inside the exponent's FMA
-    KV_DESC: tl.constexpr,  # K/V from a contiguous copy through tensor descriptors (experiment 12)
+    KV_DESC: tl.constexpr,  # K/V from the contiguous gathered copy through tensor descriptors (prefill)
 ):
     # grid (Hkv * NUM_G_TILES, query tiles, splits): heads vary fastest so the
     # programs sharing K/V run together; query tiles run last-first, so in a
@@ -411,21 +459,16 @@ def _attention_kernel(
             int_lo = tile_begin * 0
         int_lo = tl.minimum(tl.maximum(int_lo, tile_begin), tile_end)
         int_hi = tl.maximum(tl.minimum(int_hi, tile_end), int_lo)
-        for tile in range(tile_begin, int_lo):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, KV_DESC, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
-                USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
-        for tile in range(int_lo, int_hi):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, KV_DESC, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
-                USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, False, FOLD_SCALE)
-        for tile in range(int_hi, tile_end):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, tile, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope,
-                qk_scale, softcap_log2, window, stride_c0, stride_c1, tile, False, 1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, KV_DESC, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD,
-                USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, True)
+        if KV_DESC:
+            if kv_row0 + seq_len <= kv_capacity:  # this sequence's rows are in the gathered copy
+                acc, m_i, l_i = _phased_tiles(
+                    acc, m_i, l_i, tile_begin, int_lo, int_hi, tile_end, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope, qk_scale, softcap_log2, window, stride_c0, stride_c1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, True, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD, USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, FOLD_SCALE)
+            else:  # a batch larger than the copy (e.g. a graph replayed with longer sequences): paged reads
+                acc, m_i, l_i = _phased_tiles(
+                    acc, m_i, l_i, tile_begin, int_lo, int_hi, tile_end, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope, qk_scale, softcap_log2, window, stride_c0, stride_c1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, False, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD, USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, FOLD_SCALE)
+        else:
+            acc, m_i, l_i = _phased_tiles(
+                acc, m_i, l_i, tile_begin, int_lo, int_hi, tile_end, q_a, q_b, cache_ptr, bt_row, head_off, pos, ctx, seq_len, num_bt_cols, slope, qk_scale, softcap_log2, window, stride_c0, stride_c1, ka_desc, kb_desc, v_desc, kv_row0, kv_col0, False, BLOCK_SIZE, BLOCK_M, BLOCK_N, DQK, D1, D2, DV, DV_PAD, USE_SOFTCAP, USE_WINDOW, USE_ALIBI, ALIBI_SQRT, IEEE, FOLD_SCALE)
     elif PRELOAD_TILES > 0:
         # the block-table entries of PRELOAD_TILES tiles are read before the
         # inner loop, which then has no dependent load and pipelines deeply
@@ -588,7 +631,8 @@ def paged_attention(
                        max_query_len=max_decode_query_len or launch.DECODE_MAX_QUERY_LEN,
                        max_seq_len=max_seq_len, workspace=None, sliding_window=sliding_window)
         pre = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
-                       workspace=None, sliding_window=sliding_window)
+                       workspace=None, sliding_window=sliding_window,
+                       gathered=_can_gather(query, kv_cache, workspace, S - num_decode_seqs, max_seq_len, block_table))
         common = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
                       use_alibi_sqrt=use_alibi_sqrt, sinks=sinks)
         # the decode launch indexes tiles as coarsely as the prefill launch (its
@@ -608,16 +652,77 @@ def paged_attention(
         else:
             _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, dec, None,
                     q_len_range=(0, dec.block_q), idx_q=idx_q, **common)
-        _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, pre, None,
-                q_len_range=(dec.block_q + 1, 2**31 - 1), **common)
+        pre_range = (dec.block_q + 1, 2**31 - 1)
+        kv_desc = _gather_for(query, kv_cache, query_start_loc, seq_lens, block_table, workspace, pre, pre_range,
+                              max_seq_len)
+        _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, pre, None, q_len_range=pre_range,
+                kv_desc=kv_desc, **common)
         if side is not None:
             main.wait_stream(side)
         return out
     plan = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
-                    workspace=workspace, num_splits=num_splits, sliding_window=sliding_window)
+                    workspace=workspace, num_splits=num_splits, sliding_window=sliding_window,
+                    gathered=_can_gather(query, kv_cache, workspace, S, max_seq_len, block_table))
+    kv_desc = _gather_for(query, kv_cache, query_start_loc, seq_lens, block_table, workspace, plan,
+                          (0, 2**31 - 1), max_seq_len)
     return _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, plan, workspace, scale=scale,
                    sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
-                   use_alibi_sqrt=use_alibi_sqrt, sinks=sinks, q_len_range=(0, 2**31 - 1))
+                   use_alibi_sqrt=use_alibi_sqrt, sinks=sinks, q_len_range=(0, 2**31 - 1), kv_desc=kv_desc)
+
+
+def _can_gather(query: torch.Tensor, kv_cache: torch.Tensor, workspace: Workspace | None, num_seqs: int,
+                max_seq_len: int | None, block_table: torch.Tensor) -> bool:
+    """The prefill K/V of up to ``num_seqs`` sequences fit the workspace's
+    gather buffer and can be read through tensor descriptors: a CUDA device
+    with TMA (sm_90+) or the Triton interpreter, 16-bit values, K as a power-of-two chunk plus a
+    power-of-two remainder (192 = 128 + 64), V a power of two, 16-byte
+    aligned rows. The row bound is ``num_seqs x max_seq_len`` (the block
+    table's span when no hint is given); the gather never writes past the
+    buffer either way."""
+    if workspace is None or workspace.kv_rows is None or _TensorDescriptor is None:
+        return False
+    buf = workspace.kv_rows
+    if buf.device != kv_cache.device or buf.dtype != kv_cache.dtype:
+        return False
+    if kv_cache.dtype not in (torch.float16, torch.bfloat16) or query.dtype != kv_cache.dtype:
+        return False
+    if not INTERPRETED and (kv_cache.device.type != "cuda" or launch.device_arch(kv_cache.device, False)[0] != "sm90"):
+        return False
+    _, block_size, hkv, width = kv_cache.shape
+    dqk = query.shape[2]
+    dv = width - dqk
+    d1, d2 = launch.split_head_dim(dqk)
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    if d1 + d2 != dqk or not pow2(d1) or (d2 and not pow2(d2)) or not pow2(dv) or max(d1, dv) > 256:
+        return False
+    if buf.dim() != 2 or buf.shape[1] != hkv * width or buf.stride(1) != 1 or (buf.stride(0) * 2) % 16 \
+            or (width * 2) % 16 or buf.data_ptr() % 16:
+        return False
+    bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * block_size
+    return num_seqs * bound <= buf.shape[0]
+
+
+def _gather_for(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                block_table: torch.Tensor, workspace: Workspace | None, plan: launch.LaunchPlan,
+                q_len_range: tuple[int, int], max_seq_len: int | None) -> tuple | None:
+    """For a gathered plan: copy the served sequences' K/V rows into the
+    workspace buffer and return the kernel's descriptor arguments
+    ``(K chunk 1, K chunk 2, V, kv_start, capacity)``; None for the paged
+    path."""
+    if not plan.gathered:
+        return None
+    buf = workspace.kv_rows
+    Dqk = query.shape[2]
+    Dv = kv_cache.shape[3] - Dqk
+    kv_start = _gather.kv_start_for(query_start_loc, seq_lens, q_len_range)
+    bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * kv_cache.shape[1]
+    _gather.gather_kv(kv_cache, buf, query_start_loc, seq_lens, block_table, kv_start, max_seq_len=bound,
+                      q_len_range=q_len_range)
+    bn = plan.block_n
+    ka = _TensorDescriptor.from_tensor(buf, [bn, plan.d1])
+    kb = _TensorDescriptor.from_tensor(buf, [bn, plan.d2]) if plan.d2 else ka
+    v = ka if Dv == plan.d1 else _TensorDescriptor.from_tensor(buf, [bn, Dv])
+    return ka, kb, v, kv_start, buf.shape[0]
 
 
 _FOLD_SCALE = True
@@ -687,7 +792,7 @@ def _launch(
         part_out,
         part_max,
         part_sum,
-        *(kv_desc if kv_desc is not None else (dummy, dummy, dummy, dummy)),
+        *(kv_desc if kv_desc is not None else (dummy, dummy, dummy, dummy, 0)),
         S,
         H,
         block_table.shape[1],
@@ -768,6 +873,7 @@ def plan_for(
     num_splits: int | None = None,
     max_splits: int | None = None,
     sliding_window: int | None = None,
+    gathered: bool = False,
 ) -> launch.LaunchPlan:
     """The launch plan :func:`paged_attention` uses for these arguments, from
     shapes and host ints only (also for tests and benchmarks).
@@ -788,6 +894,7 @@ def plan_for(
     arch, num_sms = launch.device_arch(query.device, INTERPRETED)
     return launch.plan_attention(
         block_size=block_size,
+        gathered=gathered,
         num_tokens=T,
         num_seqs=S,
         num_heads=H,
