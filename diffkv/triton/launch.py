@@ -19,7 +19,10 @@ free of host syncs and CUDA-graph capturable):
 
 Regimes: ``decode`` when every sequence has at most
 :data:`DECODE_MAX_QUERY_LEN` new tokens (single-token and speculative
-decodes; rows per program sized to the queries), else ``prefill``.
+decodes; rows per program sized to the queries), else ``prefill``; a prefill
+read from the gathered K/V copy whose queries have at most
+:data:`SHORT_PREFILL_MAX_QUERY_LEN` tokens uses the ``prefill_short`` entries
+where there are any.
 """
 
 from __future__ import annotations
@@ -104,6 +107,9 @@ TUNED_CONFIGS: dict[tuple, TileConfig] = {
     ("sm90", "prefill", "fp32", "big"): TileConfig(16, 16, 4, 1),
     ("sm90", "decode", "fp32", "big"): TileConfig(16, 16, 4, 1),
     ("sm90", "prefill", "16bit", 192, 128): TileConfig(128, 128, 8, 2, gathered_block_n=64, gathered_stages=3),
+    # gathered prefill of queries <= SHORT_PREFILL_MAX_QUERY_LEN: 64-row programs, two per SM (exp13)
+    ("sm90", "prefill_short", "16bit", "small"): TileConfig(64, 128, 4, 2, gathered_block_n=64, gathered_stages=2),
+    ("sm90", "prefill_short", "16bit", 192, 128): TileConfig(64, 128, 4, 2, gathered_block_n=64, gathered_stages=2),
     ("sm90", "decode", "16bit", 192, 128): TileConfig(64, 64, 4, 3, 4, preload_tiles=8),
     ("sm80", "prefill", "16bit", "small"): TileConfig(64, 64, 4, 2),
     ("sm80", "decode", "16bit", "small"): TileConfig(64, 64, 4, 2),
@@ -161,6 +167,11 @@ class LaunchPlan:
     gathered: bool = False
 
 
+SHORT_PREFILL_MAX_QUERY_LEN = 2048
+"""Gathered prefills whose longest query has at most this many tokens use the
+``prefill_short`` entries (64-row programs, two per SM): measured faster at
+2k-token queries, slower at 8k (perf/exp13.py, H100)."""
+
 WINDOW_DECODE_BLOCK_N = 64
 """KV tile of windowed decodes: a window of W keys straddles at most
 ``W + BLOCK_N - 1`` keys of tiles, so small tiles keep the bytes read close to
@@ -197,18 +208,20 @@ def dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
-def lookup_config(arch: str, regime: str, dtype: torch.dtype, head_size: int, head_size_v: int) -> TileConfig:
+def lookup_config(arch: str, regime: str, dtype: torch.dtype, head_size: int, head_size_v: int,
+                  default: str | None = "sm80") -> TileConfig | None:
     """The tuned entry for this case: the per-(Dqk, Dv) refinement if any,
     else the (arch, regime, dtype class, head class) entry; the interpreter
-    ignores head classes and unknown archs fall back to "sm80"."""
+    ignores head classes and unknown archs fall back to ``default`` ("sm80";
+    None: no fallback, None is returned)."""
     dc = dtype_class(dtype)
     cfg = TUNED_CONFIGS.get((arch, regime, dc, head_size, head_size_v))
     if cfg is not None:
         return cfg
     head_class = "big" if max(head_size, head_size_v) > 192 and arch != "interpreter" else "small"
     cfg = TUNED_CONFIGS.get((arch, regime, dc, head_class))
-    if cfg is None:
-        cfg = TUNED_CONFIGS[("sm80", regime, dc, head_class)]
+    if cfg is None and default is not None:
+        cfg = TUNED_CONFIGS[(default, regime, dc, head_class)]
     return cfg
 
 
@@ -256,6 +269,9 @@ def plan_attention(
     G = num_heads // num_kv_heads
     regime = "decode" if max_query_len <= DECODE_MAX_QUERY_LEN else "prefill"
     cfg = lookup_config(arch, regime, dtype, head_size, head_size_v)
+    if regime == "prefill" and gathered and max_query_len <= SHORT_PREFILL_MAX_QUERY_LEN:
+        short = lookup_config(arch, "prefill_short", dtype, head_size, head_size_v, default=None)
+        cfg = short or cfg
     g_pad = next_pow2(G)
     g_tile = min(g_pad, MAX_G_TILE, cfg.max_g_tile)
     num_g_tiles = math.ceil(G / g_tile)
