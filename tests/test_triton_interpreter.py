@@ -427,3 +427,38 @@ def test_gathered_copy_too_small_falls_back_to_paged_reads_per_sequence(monkeypa
                        workspace=ws, max_query_len=17, max_seq_len=12, **kw)
     assert calls, "the gathered path was not taken"
     check_output(out, batch, what="gather buffer overflow")
+
+
+def test_ptxas_failure_rebuilds_the_variant_with_another_pipeline_depth(monkeypatch):
+    """ptxas (CUDA 12.8) segfaults on a few kernel variants (seen on H100:
+    64-row prefill tiles, 2 stages, ALiBi, 64-token pages). The launcher
+    rebuilds such a variant with another ``num_stages`` (same grid, same
+    result), warns once, and does not retry the failing depth on later calls.
+    Simulated here: the tuned depth of every launch "fails to assemble"."""
+    real = tk._attention_kernel
+    tried = []
+
+    class FailsAtTunedDepth:
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kw):
+                tried.append(num_stages)
+                if num_stages == failing_depth:
+                    raise tk._PTXASError("ptxas died with signal 11 (simulated)")
+                return real[grid](*args, num_stages=num_stages, **kw)
+            return launch
+
+    monkeypatch.setattr(tk, "_attention_kernel", FailsAtTunedDepth())
+    monkeypatch.setattr(tk, "_STAGES_SUBSTITUTE", {})
+    batch = make_batch(mixed_spec(torch.float16), LayerFeatures(alibi="sqrt", sinks=True))
+    failing_depth = 2  # deeper than the interpreter configs use: nothing fails, nothing is substituted
+    check_output(run_functional(batch), batch, what="no failure")
+    assert 2 not in tried and not tk._STAGES_SUBSTITUTE
+    failing_depth = tried[0]
+    tried.clear()
+    with pytest.warns(RuntimeWarning, match=f"num_stages={failing_depth}"):
+        check_output(run_functional(batch), batch, what="rebuilt after a ptxas failure")
+    assert tk._STAGES_SUBSTITUTE, "the substitute depth was not remembered"
+    assert set(tk._STAGES_SUBSTITUTE.values()) == {failing_depth + 1}
+    tried.clear()
+    check_output(run_functional(batch), batch, what="second call")
+    assert failing_depth not in tried, "the failing depth was retried on a later call"

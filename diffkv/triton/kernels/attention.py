@@ -47,6 +47,7 @@ dequantizing variant (per-tensor K/V scales) will fit.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -732,6 +733,58 @@ _FOLD_SCALE = True
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
+try:
+    from triton.runtime.errors import PTXASError as _PTXASError
+except ImportError:  # pragma: no cover - older Triton raises something else; no fallback there
+    class _PTXASError(Exception):
+        pass
+
+_STAGES_SUBSTITUTE: dict[tuple, int] = {}
+"""``num_stages`` used instead of the tuned one for kernel variants whose tuned
+build made ptxas fail (key: constexprs, warps, tuned stages). Filled at run time
+only when ptxas fails, so the normal hot path does one empty-dict check."""
+
+
+def _fallback_stages(num_stages: int) -> list[int]:
+    """Pipeline depths to try when ptxas fails on ``num_stages``: shallower
+    first (fewer live buffers), then one deeper."""
+    return [s for s in range(num_stages - 1, 0, -1)] + [num_stages + 1]
+
+
+def _run_attention_kernel(grid, args: tuple, consts: dict, num_warps: int, num_stages: int) -> None:
+    """Launch :func:`_attention_kernel`, working around ptxas crashes.
+
+    ptxas 12.8 (Triton 3.6) segfaults on a few constexpr combinations (seen on
+    sm_90a: 64-row prefill tiles, 2 stages, ALiBi, 64-token pages). The
+    pipeline depth changes neither the grid nor the result, so such a variant
+    is rebuilt with another ``num_stages`` (warned once, remembered per
+    variant); if every depth fails the first error is raised."""
+    key = None
+    if _STAGES_SUBSTITUTE:
+        key = (tuple(sorted(consts.items())), num_warps, num_stages)
+        num_stages = _STAGES_SUBSTITUTE.get(key, num_stages)
+    try:
+        _attention_kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    except _PTXASError as first:
+        key = key or (tuple(sorted(consts.items())), num_warps, num_stages)
+        if key in _STAGES_SUBSTITUTE:
+            raise
+        for alt in _fallback_stages(num_stages):
+            try:
+                _attention_kernel[grid](*args, **consts, num_warps=num_warps, num_stages=alt)
+            except _PTXASError:
+                continue
+            _STAGES_SUBSTITUTE[key] = alt
+            warnings.warn(
+                f"diffkv: ptxas failed to build the attention kernel with num_stages={num_stages} "
+                f"(num_warps={num_warps}, BLOCK_M={consts.get('BLOCK_M')}, BLOCK_N={consts.get('BLOCK_N')}, "
+                f"BLOCK_SIZE={consts.get('BLOCK_SIZE')}); using num_stages={alt} for this variant",
+                RuntimeWarning, stacklevel=3)
+            return
+        raise first
+
+
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
     """A second stream per CUDA device (created on first use, never at
     import) for the decode half of a mixed batch; None off CUDA."""
@@ -780,7 +833,7 @@ def _launch(
     part_max = workspace.partial_max if split else dummy
     part_sum = workspace.partial_sum if split else dummy
     grid = (Hkv * plan.num_g_tiles, T // idx_q + S, plan.num_splits)
-    _attention_kernel[grid](
+    args = (
         query,
         kv_cache,
         out,
@@ -810,6 +863,8 @@ def _launch(
         out.stride(0),
         out.stride(1),
         block_table.stride(0),
+    )
+    consts = dict(
         BLOCK_SIZE=block_size,
         G=H // Hkv,
         G_TILE=plan.g_tile,
@@ -835,9 +890,8 @@ def _launch(
         PAGES_PER_TILE=max(1, plan.block_n // block_size),
         FOLD_SCALE=bool(_FOLD_SCALE and scale > 0 and not use_softcap and alibi_slopes is None),
         KV_DESC=kv_desc is not None,
-        num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
     )
+    _run_attention_kernel(grid, args, consts, plan.num_warps, plan.num_stages)
     if split:
         d_chunk = min(plan.dv_pad, 64)
         _reduce_kernel[(T, H, triton.cdiv(Dv, d_chunk))](
