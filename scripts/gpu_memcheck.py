@@ -52,6 +52,20 @@ def main() -> int:
         torch.cuda.synchronize()
         check_output(out, batch)
         print(f"ok: {name}", flush=True)
+    # gathered prefill whose copy buffer is too small: the sequences past it read the paged cache
+    from diffkv.triton.kernels import attention as tk
+
+    batch = make_batch(BatchSpec((SeqShape(70, 0), SeqShape(33, 90), SeqShape(40, 200)), 8, 2, 192, 128, 64,
+                                 torch.bfloat16, 2), LayerFeatures(alibi="sqrt", sinks=True), device="cuda")
+    ws = tk.Workspace.allocate(256, 8, 128, "cuda", kv_rows=150, kv_row_width=2 * 320, kv_dtype=torch.bfloat16)
+    out = batch.fresh_out()
+    kw = batch.attention_kwargs()
+    kw["sinks"] = batch.sinks.float()
+    tk.paged_attention(batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_table, out,
+                       workspace=ws, max_query_len=70, max_seq_len=240, **kw)
+    torch.cuda.synchronize()
+    check_output(out, batch)
+    print("ok: gathered prefill, buffer overflow -> paged reads, block 64, ALiBi sqrt", flush=True)
     # vLLM-strided cache through the functional API
     batch = make_batch(BatchSpec(MIXED, 8, 2, 192, 128, 16, torch.bfloat16, 2), ALL, device="cuda")
     batch.kv_cache = batch.kv_cache.transpose(1, 2).contiguous().transpose(1, 2)
