@@ -357,27 +357,34 @@ GATHER_SEQS = (SeqShape(q_len=17, context_len=0), SeqShape(q_len=1, context_len=
                SeqShape(q_len=0, context_len=9), SeqShape(q_len=9, context_len=50))
 
 
-def test_gather_copies_the_served_sequences_rows_and_nothing_else():
+@pytest.mark.parametrize("q_lo", [2, 1], ids=["served_q_len_ge_2", "boundary_q_len_1_served"])
+@pytest.mark.parametrize("seq_block", [128, 2], ids=["one_step", "prefix_sum_over_steps"])
+def test_gather_copies_the_served_sequences_rows_and_nothing_else(seq_block, q_lo, monkeypatch):
     """Each served sequence's K/V rows land at kv_start + j in order (pages
-    permuted, slots past the sequence poisoned); sequences of the other
-    q_len class and rows past the buffer's capacity are not written."""
+    permuted, slots past the sequence poisoned), kv_start (computed by the
+    gather kernel, in steps of ``seq_block`` sequences) equals the readable
+    prefix sum; sequences of the other q_len class and rows past the buffer's
+    capacity are not written."""
     from diffkv.triton.kernels import gather
+
+    monkeypatch.setattr(gather, "SEQ_BLOCK", seq_block)
 
     batch = make_batch(BatchSpec(seqs=GATHER_SEQS, num_heads=4, num_kv_heads=2, head_size=48, head_size_v=32,
                                  block_size=16, dtype=torch.float16, seed=5))
-    served = [s.q_len >= 2 for s in batch.spec.seqs]
+    served = [s.q_len >= q_lo for s in batch.spec.seqs]
     need = sum(s.seq_len for s, ok in zip(batch.spec.seqs, served) if ok)
     capacity = need - 5  # the last served sequence loses its last 5 rows
     width = batch.kv_cache.shape[2] * batch.kv_cache.shape[3]
     buf = torch.full((capacity + 8, width), -7.0, dtype=torch.float16)
     view = buf[:capacity]
-    kv_start = gather.kv_start_for(batch.query_start_loc, batch.seq_lens, (2, 2**31 - 1))
+    kv_start = torch.full((len(batch.spec.seqs),), -1, dtype=torch.int32)  # written by the gather for served ones
     gather.gather_kv(batch.kv_cache, view, batch.query_start_loc, batch.seq_lens, batch.block_table, kv_start,
-                     max_seq_len=8, q_len_range=(2, 2**31 - 1))  # a hint far below the lengths: still copied whole
+                     max_seq_len=8, q_len_range=(q_lo, 2**31 - 1))  # a hint far below the lengths: still copied whole
     expected = torch.full_like(buf, -7.0)
     row = 0
     for s, (shape, ok) in enumerate(zip(batch.spec.seqs, served)):
         if not ok:
+            assert int(kv_start[s]) == -1, f"sequence {s} is not served: its kv_start must stay untouched"
             continue
         assert int(kv_start[s]) == row
         for j in range(shape.seq_len):
@@ -386,6 +393,8 @@ def test_gather_copies_the_served_sequences_rows_and_nothing_else():
                 expected[row + j] = batch.kv_cache[block, j % 16].reshape(-1)
         row += shape.seq_len
     assert torch.equal(buf.view(torch.int16), expected.view(torch.int16))
+    readable = gather.kv_start_for(batch.query_start_loc, batch.seq_lens, (q_lo, 2**31 - 1))
+    assert torch.equal(kv_start[served], readable[served])
 
 
 def test_prefill_reads_the_gathered_copy_through_descriptors(monkeypatch):

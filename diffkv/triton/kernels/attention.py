@@ -715,7 +715,7 @@ def _gather_for(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: to
     buf = workspace.kv_rows
     Dqk = query.shape[2]
     Dv = kv_cache.shape[3] - Dqk
-    kv_start = _gather.kv_start_for(query_start_loc, seq_lens, q_len_range)
+    kv_start = torch.empty(seq_lens.shape[0], dtype=torch.int32, device=seq_lens.device)  # written by the gather
     bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * kv_cache.shape[1]
     _gather.gather_kv(kv_cache, buf, query_start_loc, seq_lens, block_table, kv_start, max_seq_len=bound,
                       q_len_range=q_len_range)
