@@ -46,3 +46,25 @@ def test_parse_seqs():
     assert parse_seqs("1x2048@2048, 62x1@4096") == ((1, 2048, 2048), (62, 1, 4096))
     with pytest.raises(SystemExit, match="N x Q @ CTX"):
         parse_seqs("banana")
+
+
+def test_window_verdict_is_bound_by_the_window_not_the_context():
+    """Issue #6's windowed decode target: faster than reading the whole
+    context at the copy ceiling (so it cannot be reading it) -> MET; slower
+    -> miss. The bound is the scenario's bytes without its window."""
+    from dataclasses import asdict
+
+    from diffkv.bench import SCENARIOS, verdict, whole_context_read_ms, workload
+
+    s = SCENARIOS["decode_b64_8k_win128_sinks"]
+    ceilings = {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 700.0}
+    r = {"scenario": s.name, "kind": s.kind, "config": asdict(s), "frac_copy": 0.5}
+    # 64 sequences x 8192 keys x 8 KV heads x 320 values x 2 bytes (+ q and out), read at 3000 GB/s
+    whole = whole_context_read_ms(r, ceilings["copy_GBps"])
+    expected_bytes = 64 * 8192 * 8 * 320 * 2 + 64 * 32 * 320 * 2
+    assert abs(whole - expected_bytes / 3000e9 * 1e3) < 1e-9
+    assert workload(s)[0] * 50 < expected_bytes  # the window's bytes are a small part of it
+    assert verdict({**r, "ms_median": 0.03}, ceilings).startswith("MET")
+    assert verdict({**r, "ms_median": whole * 1.01}, ceilings).startswith("miss")
+    # without the ceilings (or without a window) the plain decode rule applies
+    assert verdict({**r, "ms_median": 0.03}).startswith("miss (>= 90% copy)")
