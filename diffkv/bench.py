@@ -485,7 +485,7 @@ def plot(report: dict, path: str) -> bool:
         Line2D([], [], color="black", marker="_", linestyle="", markersize=12,
                label="vLLM Triton DiffKV (SPEC section 8, H100)"),
         Line2D([], [], color="black", marker="x", linestyle="", markersize=9,
-               label="best peer (SPEC section 8, H100, do_bench timing)"),
+               label="best peer (SPEC section 8, H100)"),
         Line2D([], [], color="gray", marker="o", linestyle="", markersize=6,
                label="plain read of the same bytes (this run)"),
     ]
