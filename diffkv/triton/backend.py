@@ -52,7 +52,7 @@ class TritonMetadataBuilder(DiffKVMetadataBuilder):
             kv_rows = launch.gather_rows_capacity(spec.max_num_batched_tokens)
         self.workspace = Workspace.allocate(rows, spec.num_heads, spec.head_size_v, self.device, kv_rows=kv_rows,
                                             kv_row_width=spec.num_kv_heads * (spec.head_size + spec.head_size_v),
-                                            kv_dtype=spec.dtype)
+                                            kv_dtype=spec.dtype, kv_seqs=spec.max_num_seqs)
 
     def make_workspace(self, common: CommonAttentionMetadata) -> Workspace:
         return self.workspace
@@ -207,7 +207,7 @@ class TritonBackend(DiffKVBackend):
         if plan.num_splits > 1 or kv_rows > 0:
             workspace = Workspace.allocate(T * plan.num_splits if plan.num_splits > 1 else 0, H, Dv, dev,
                                            kv_rows=kv_rows, kv_row_width=kv_cache.shape[2] * kv_cache.shape[3],
-                                           kv_dtype=kv_cache.dtype)
+                                           kv_dtype=kv_cache.dtype, kv_seqs=q_lens.numel())
         return _attention.paged_attention(
             query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
             sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,

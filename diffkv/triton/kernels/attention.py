@@ -79,24 +79,32 @@ class Workspace:
         kv_rows: ``[capacity, Hkv * (Dqk + Dv)]`` (cache dtype) or None:
             contiguous copy of the prefill sequences' K/V rows, read through
             tensor descriptors (see :mod:`diffkv.triton.kernels.gather`).
+        kv_start: ``[seqs]`` int32 or None: each sequence's first row in
+            ``kv_rows``, written by the gather kernel and read by the attention
+            launch after it.
     """
 
     partial_out: torch.Tensor
     partial_max: torch.Tensor
     partial_sum: torch.Tensor
     kv_rows: torch.Tensor | None = None
+    kv_start: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, rows: int, num_heads: int, head_size_v: int, device: torch.device | str, *,
-                 kv_rows: int = 0, kv_row_width: int = 0, kv_dtype: torch.dtype | None = None) -> Workspace:
+                 kv_rows: int = 0, kv_row_width: int = 0, kv_dtype: torch.dtype | None = None,
+                 kv_seqs: int = 0) -> Workspace:
         """``rows`` (query token x split) rows of split-KV scratch; with
         ``kv_rows > 0`` also a K/V gather buffer of that many token rows of
-        ``kv_row_width`` values of ``kv_dtype``."""
+        ``kv_row_width`` values of ``kv_dtype``, and the row offsets of up to
+        ``kv_seqs`` sequences in it."""
         return cls(
             partial_out=torch.empty(rows * num_heads * head_size_v, dtype=torch.float32, device=device),
             partial_max=torch.empty(rows * num_heads, dtype=torch.float32, device=device),
             partial_sum=torch.empty(rows * num_heads, dtype=torch.float32, device=device),
             kv_rows=(torch.empty(kv_rows, kv_row_width, dtype=kv_dtype, device=device) if kv_rows > 0 else None),
+            kv_start=(torch.empty(kv_seqs, dtype=torch.int32, device=device) if kv_rows > 0 and kv_seqs > 0
+                      else None),
         )
 
     def max_splits(self, num_tokens: int, num_heads: int, head_size_v: int) -> int:
@@ -715,7 +723,11 @@ def _gather_for(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: to
     buf = workspace.kv_rows
     Dqk = query.shape[2]
     Dv = kv_cache.shape[3] - Dqk
-    kv_start = torch.empty(seq_lens.shape[0], dtype=torch.int32, device=seq_lens.device)  # written by the gather
+    S = seq_lens.shape[0]
+    if workspace.kv_start is not None and workspace.kv_start.numel() >= S:
+        kv_start = workspace.kv_start[:S]  # written by the gather
+    else:  # a workspace made without room for the offsets (direct kernel calls)
+        kv_start = torch.empty(S, dtype=torch.int32, device=seq_lens.device)
     bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * kv_cache.shape[1]
     _gather.gather_kv(kv_cache, buf, query_start_loc, seq_lens, block_table, kv_start, max_seq_len=bound,
                       q_len_range=q_len_range)
@@ -748,7 +760,7 @@ only when ptxas fails, so the normal hot path does one empty-dict check."""
 def _fallback_stages(num_stages: int) -> list[int]:
     """Pipeline depths to try when ptxas fails on ``num_stages``: shallower
     first (fewer live buffers), then one deeper."""
-    return [s for s in range(num_stages - 1, 0, -1)] + [num_stages + 1]
+    return list(range(num_stages - 1, 0, -1)) + [num_stages + 1]
 
 
 def _run_attention_kernel(grid, args: tuple, consts: dict, num_warps: int, num_stages: int) -> None:
@@ -759,23 +771,22 @@ def _run_attention_kernel(grid, args: tuple, consts: dict, num_warps: int, num_s
     pipeline depth changes neither the grid nor the result, so such a variant
     is rebuilt with another ``num_stages`` (warned once, remembered per
     variant); if every depth fails the first error is raised."""
-    key = None
-    if _STAGES_SUBSTITUTE:
-        key = (tuple(sorted(consts.items())), num_warps, num_stages)
-        num_stages = _STAGES_SUBSTITUTE.get(key, num_stages)
+    def variant() -> tuple:
+        return tuple(sorted(consts.items())), num_warps, num_stages
+
+    stages = _STAGES_SUBSTITUTE.get(variant(), num_stages) if _STAGES_SUBSTITUTE else num_stages
     try:
-        _attention_kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        _attention_kernel[grid](*args, **consts, num_warps=num_warps, num_stages=stages)
         return
     except _PTXASError as first:
-        key = key or (tuple(sorted(consts.items())), num_warps, num_stages)
-        if key in _STAGES_SUBSTITUTE:
+        if stages != num_stages:  # the remembered substitute failed too
             raise
         for alt in _fallback_stages(num_stages):
             try:
                 _attention_kernel[grid](*args, **consts, num_warps=num_warps, num_stages=alt)
             except _PTXASError:
                 continue
-            _STAGES_SUBSTITUTE[key] = alt
+            _STAGES_SUBSTITUTE[variant()] = alt
             warnings.warn(
                 f"diffkv: ptxas failed to build the attention kernel with num_stages={num_stages} "
                 f"(num_warps={num_warps}, BLOCK_M={consts.get('BLOCK_M')}, BLOCK_N={consts.get('BLOCK_N')}, "
