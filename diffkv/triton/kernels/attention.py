@@ -138,9 +138,23 @@ def _load_kv_tile_unmasked(cache_ptr, offsets):
 
 
 @triton.jit
+def _probe_interpreter():
+    pass
+
+
+_UPCAST_BF16_DOT = tl.constexpr(type(_probe_interpreter).__name__ == "InterpretedFunction")
+"""Triton's interpreter computes ``tl.dot`` of bf16 operands wrongly (silently,
+Triton 3.6); there, bf16 operands are widened to fp32 first (exact: a bf16
+product fits fp32's mantissa). False when compiled: no cost on a GPU."""
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation; full-precision products for
     fp32 inputs (no TF32)."""
+    if _UPCAST_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
