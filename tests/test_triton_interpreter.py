@@ -142,6 +142,20 @@ def test_split_is_chosen_for_small_decode_batches():
     assert tk.plan_for(big.query, big.kv_cache, big.seq_lens, big.block_table, max_splits=64).num_splits == 1
 
 
+@pytest.mark.parametrize("window,block_n,stages", [(None, 64, 3), (128, 16, 4), (256, 16, 4), (257, 64, 3),
+                                                   (2048, 64, 3)])
+def test_decode_tiles_follow_the_window_on_sm90(window, block_n, stages):
+    """The SPEC shape's decode plan on sm_90 (host-only: no kernel runs):
+    short windows read 16-key tiles (the bytes read stay close to the
+    window's), long windows and whole contexts 64-key tiles."""
+    from diffkv.triton import launch
+
+    plan = launch.plan_attention(num_tokens=64, num_seqs=64, num_heads=32, num_kv_heads=8, head_size=192,
+                                 head_size_v=128, dtype=torch.bfloat16, max_query_len=1, max_seq_len=8192,
+                                 arch="sm90", num_sms=132, max_splits=1, sliding_window=window)
+    assert (plan.block_n, plan.num_stages) == (block_n, stages)
+
+
 @pytest.mark.parametrize(
     "pair", [(48, 32), (96, 64), (80, 48), (160, 32), (224, 32), (32, 96), (64, 64)],
     ids=lambda p: f"{p[0]}x{p[1]}",
