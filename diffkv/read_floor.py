@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from diffkv.triton.launch import split_head_dim
+
 
 @triton.jit
 def _paged_read_kernel(
@@ -34,7 +36,7 @@ def _paged_read_kernel(
     stride_bt0,
     BLOCK_SIZE: tl.constexpr,
     HEAD_W: tl.constexpr,  # Dqk + Dv
-    W1: tl.constexpr,  # power-of-two chunk of HEAD_W
+    W1: tl.constexpr,  # power-of-two chunk of HEAD_W (launch.split_head_dim)
     W2: tl.constexpr,  # padded remainder chunk (0: none)
     STAGES: tl.constexpr,
 ):
@@ -71,12 +73,6 @@ def _paged_read_kernel(
     tl.store(out_ptr + (h * tl.num_programs(1) + s) * tl.num_programs(2) + c, total)
 
 
-def _split_width(width: int) -> tuple[int, int]:
-    w1 = 1 << (width.bit_length() - 1)
-    rest = width - w1
-    return w1, (triton.next_power_of_2(rest) if rest else 0)
-
-
 def paged_read(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, first_token: torch.Tensor,
                programs_per_seq: int, stages: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
     """Read the needed K/V rows once (see the module docstring).
@@ -98,7 +94,7 @@ def paged_read(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torc
     n = hkv * S * programs_per_seq
     if out is None or out.numel() < n:
         out = torch.empty(n, dtype=torch.float32, device=kv_cache.device)
-    w1, w2 = _split_width(width)
+    w1, w2 = split_head_dim(width)  # the loads mask both chunks to the width
     _paged_read_kernel[(hkv, S, programs_per_seq)](
         kv_cache, block_table, seq_lens, first_token, out, pages_per_prog,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),

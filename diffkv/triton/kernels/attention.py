@@ -64,7 +64,6 @@ except ImportError:  # pragma: no cover - older Triton: the paged path only
 
 LOG2E = 1.4426950408889634
 
-INTERPRETED = False  # set below, once the kernels are defined
 
 
 @dataclass
@@ -142,7 +141,11 @@ def _probe_interpreter():
     pass
 
 
-_UPCAST_BF16_DOT = tl.constexpr(type(_probe_interpreter).__name__ == "InterpretedFunction")
+INTERPRETED = type(_probe_interpreter).__name__ == "InterpretedFunction"
+"""True when Triton runs in interpreter mode (TRITON_INTERPRET=1 was set
+before triton was imported)."""
+
+_UPCAST_BF16_DOT = tl.constexpr(INTERPRETED)
 """Triton's interpreter computes ``tl.dot`` of bf16 operands wrongly (silently,
 Triton 3.6); there, bf16 operands are widened to fp32 first (exact: a bf16
 product fits fp32's mantissa). False when compiled: no cost on a GPU."""
@@ -580,11 +583,6 @@ def _reduce_kernel(
                    other=0.0)
     out = tl.sum(part * w[:, None], 0) / denom
     tl.store(out_ptr + t * stride_o0 + h.to(tl.int64) * stride_o1 + dv, out.to(out_ptr.dtype.element_ty), mask=dv_ok)
-
-
-INTERPRETED = type(_attention_kernel).__name__ == "InterpretedFunction"
-"""True when Triton runs in interpreter mode (TRITON_INTERPRET=1 was set
-before triton was imported)."""
 
 
 # --------------------------------------------------------------------------
