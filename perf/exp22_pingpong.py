@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 
 
 @gluon.jit
-def _consumer(c: gl.constexpr, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready, kv_empty, turn,
+def _consumer(c: gl.constexpr, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready, k_empty, v_empty, turn,
               out_ptr, q_start, q0, q_len, seq_len, ctx, n_tiles, qk_scale, h, stride_o0, stride_o1,
               HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, NUM_BUF: gl.constexpr,
               PINGPONG: gl.constexpr):
@@ -58,6 +58,7 @@ def _consumer(c: gl.constexpr, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_r
     s_tok = warpgroup_mma(qa, ka_s.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s_tok = warpgroup_mma(qb, kb_s.index(0).permute((1, 0)), s_tok, is_async=True)
     x = warpgroup_mma_wait(0, deps=[s_tok])
+    mbarrier.arrive(k_empty.index(0))  # K of tile 0 read
 
     pos = ctx + r0 + gl.arange(0, HALF_M, layout=s_rows)
     cn = gl.arange(0, BLOCK_N, layout=s_cols)
@@ -79,7 +80,7 @@ def _consumer(c: gl.constexpr, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_r
         m_i = m_new
         acc = warpgroup_mma_wait(0, deps=[acc_tok])  # PV(t-1) done
         if t > 0:
-            mbarrier.arrive(kv_empty.index((t - 1) % NUM_BUF))
+            mbarrier.arrive(v_empty.index((t - 1) % NUM_BUF))  # V of tile t-1 read
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         nxt = gl.minimum(t + 1, n_tiles - 1)
         nslot = nxt % NUM_BUF
@@ -94,6 +95,7 @@ def _consumer(c: gl.constexpr, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_r
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - c))
         x = warpgroup_mma_wait(1, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(nslot), pred=t + 1 < n_tiles)  # K of tile t+1 read
     acc = warpgroup_mma_wait(0, deps=[acc_tok])
 
     out = acc / gl.convert_layout(l_i, o_rows)[:, None]
@@ -106,7 +108,7 @@ def _consumer(c: gl.constexpr, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_r
 
 @gluon.jit
 def _producer(qa_desc, qb_desc, ka_desc, kb_desc, v_desc, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready,
-              kv_empty, q_row, q_col, kv_row0, kv_col0, n_tiles, HALF_M: gl.constexpr, D1: gl.constexpr,
+              k_empty, v_empty, q_row, q_col, kv_row0, kv_col0, n_tiles, HALF_M: gl.constexpr, D1: gl.constexpr,
               D2: gl.constexpr, DV: gl.constexpr, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr):
     for c in gl.static_range(2):
         mbarrier.expect(q_bars.index(c), HALF_M * (D1 + D2) * 2)
@@ -114,11 +116,12 @@ def _producer(qa_desc, qb_desc, ka_desc, kb_desc, v_desc, qa_s, qb_s, ka_s, kb_s
         tma.async_copy_global_to_shared(qb_desc, [q_row + c * HALF_M, q_col + D1], q_bars.index(c), qb_s.index(c))
     for t in range(0, n_tiles):
         slot = t % NUM_BUF
-        mbarrier.wait(kv_empty.index(slot), ((t // NUM_BUF) & 1) ^ 1)
         row = kv_row0 + t * BLOCK_N
+        mbarrier.wait(k_empty.index(slot), ((t // NUM_BUF) & 1) ^ 1)
         mbarrier.expect(k_ready.index(slot), BLOCK_N * (D1 + D2) * 2)
         tma.async_copy_global_to_shared(ka_desc, [row, kv_col0], k_ready.index(slot), ka_s.index(slot))
         tma.async_copy_global_to_shared(kb_desc, [row, kv_col0 + D1], k_ready.index(slot), kb_s.index(slot))
+        mbarrier.wait(v_empty.index(slot), ((t // NUM_BUF) & 1) ^ 1)
         mbarrier.expect(v_ready.index(slot), BLOCK_N * DV * 2)
         tma.async_copy_global_to_shared(v_desc, [row, kv_col0 + D1 + D2], v_ready.index(slot), v_s.index(slot))
 
@@ -153,7 +156,8 @@ def _pp_prefill(
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_bars.index(i), count=1)
@@ -161,18 +165,19 @@ def _pp_prefill(
     for i in gl.static_range(NUM_BUF):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=2)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
     mbarrier.arrive(turn.index(0))  # warpgroup 0 takes the tensor cores first
 
     gl.warp_specialize([
-        (_consumer, (0, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready, kv_empty, turn, out_ptr, q_start, q0,
+        (_consumer, (0, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready, k_empty, v_empty, turn, out_ptr, q_start, q0,
                      q_len, seq_len, ctx, n_tiles, qk_scale, h, stride_o0, stride_o1, HALF_M, BLOCK_N, DV, NUM_BUF,
                      PINGPONG)),
-        (_consumer, (1, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready, kv_empty, turn, out_ptr, q_start, q0,
+        (_consumer, (1, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready, k_empty, v_empty, turn, out_ptr, q_start, q0,
                      q_len, seq_len, ctx, n_tiles, qk_scale, h, stride_o0, stride_o1, HALF_M, BLOCK_N, DV, NUM_BUF,
                      PINGPONG)),
         (_producer, (qa_desc, qb_desc, ka_desc, kb_desc, v_desc, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready,
-                     kv_empty, q_start + q0, h * DQK, kv_row0, kv_col0, n_tiles, HALF_M, D1, D2, DV, BLOCK_N,
+                     k_empty, v_empty, q_start + q0, h * DQK, kv_row0, kv_col0, n_tiles, HALF_M, D1, D2, DV, BLOCK_N,
                      NUM_BUF)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -190,7 +195,7 @@ def descriptors(q2, gathered, bm, bn, d1=128, d2=64, dv=128):
             GD.from_tensor(gathered, [bn, dv], _layout([bn, dv])))
 
 
-CONFIGS = ((128, 64, 2, 1, 192, 24), (128, 64, 3, 1, 192, 24), (128, 64, 2, 0, 192, 24), (128, 128, 2, 1, 240, 24))
+CONFIGS = ((128, 128, 2, 1, 240, 24), (128, 128, 2, 0, 240, 24), (128, 64, 4, 0, 192, 24))
 """(BLOCK_M, BLOCK_N, NUM_BUF, PINGPONG, consumer regs, producer regs)."""
 
 

@@ -56,6 +56,7 @@ import triton.language as tl
 
 from diffkv.triton import launch
 from diffkv.triton.kernels import gather as _gather
+from diffkv.triton.kernels import prefill_gluon as _prefill_gluon
 
 try:  # host-side tensor descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -674,16 +675,24 @@ def paged_attention(
             _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, dec, None,
                     q_len_range=(0, dec.block_q), idx_q=idx_q, **common)
         pre_range = (dec.block_q + 1, 2**31 - 1)
-        kv_desc = _gather_for(query, kv_cache, query_start_loc, seq_lens, block_table, workspace, pre, pre_range,
-                              max_seq_len)
-        _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, pre, None, q_len_range=pre_range,
-                kv_desc=kv_desc, **common)
+        if _gluon_serves(query, kv_cache, out, scale, sliding_window, softcap, alibi_slopes):
+            _prefill_gluon.prefill(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
+                                   sinks=sinks, q_len_range=pre_range)
+        else:
+            kv_desc = _gather_for(query, kv_cache, query_start_loc, seq_lens, block_table, workspace, pre, pre_range,
+                                  max_seq_len)
+            _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, pre, None, q_len_range=pre_range,
+                    kv_desc=kv_desc, **common)
         if side is not None:
             main.wait_stream(side)
         return out
     plan = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
                     workspace=workspace, num_splits=num_splits, sliding_window=sliding_window,
                     gathered=_can_gather(query, kv_cache, workspace, S, max_seq_len, block_table))
+    if plan.phased and _gluon_serves(query, kv_cache, out, scale, sliding_window, softcap, alibi_slopes):
+        # prefill regime on an H100-class GPU: the Gluon kernel (no gather, no split)
+        return _prefill_gluon.prefill(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
+                                      sinks=sinks, q_len_range=(0, 2**31 - 1))
     kv_desc = _gather_for(query, kv_cache, query_start_loc, seq_lens, block_table, workspace, plan,
                           (0, 2**31 - 1), max_seq_len)
     return _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, plan, workspace, scale=scale,
@@ -748,6 +757,25 @@ def _gather_for(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: to
     kb = _TensorDescriptor.from_tensor(buf, [bn, plan.d2]) if plan.d2 else ka
     v = ka if Dv == plan.d1 else _TensorDescriptor.from_tensor(buf, [bn, Dv])
     return ka, kb, v, kv_start, buf.shape[0]
+
+
+_USE_GLUON = True
+"""Prefill launches go to the Gluon kernel (:mod:`.prefill_gluon`) when it
+serves the call; tests and perf/ scripts switch it off to run the Triton
+kernel on the same inputs."""
+
+
+def _gluon_serves(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, scale: float,
+                  sliding_window: int | None, softcap: float | None, alibi_slopes: torch.Tensor | None) -> bool:
+    """The Gluon prefill kernel serves this call (host-only checks)."""
+    if not _USE_GLUON or INTERPRETED or query.device.type != "cuda":
+        return False
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    cc = launch._cuda_props(index)[0]  # Hopper only: its wgmma/TMA code does not run on sm_100+
+    arch = "sm90" if cc == 90 else f"sm{cc}"
+    return not _prefill_gluon.unsupported_reasons(query, kv_cache, out, scale=scale, sliding_window=sliding_window,
+                                                  softcap=softcap, alibi_slopes=alibi_slopes, arch=arch,
+                                                  interpreted=False)
 
 
 _FOLD_SCALE = True

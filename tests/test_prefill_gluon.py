@@ -1,0 +1,129 @@
+"""The Gluon prefill kernel (Hopper): which calls it serves (host-only rules,
+run everywhere) and, on an sm_90 GPU (``pytest -m gpu``), its output against
+the float64 reference on named scenarios -- partial last tiles over
+NaN-poisoned cache slots, permuted pages, every served page size, sinks,
+fp16, decodes mixed in, stale host hints -- with a check that the Gluon
+kernel really ran."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffkv.testing import BatchSpec, LayerFeatures, SeqShape, make_batch
+from diffkv.triton.kernels import attention as tk
+from diffkv.triton.kernels import prefill_gluon as pg
+from tests.triton_common import check_output, run_class_api, run_functional
+
+
+def _reasons(query, cache, out=None, **kw):
+    args = dict(scale=0.1, sliding_window=None, softcap=None, alibi_slopes=None, arch="sm90", interpreted=False)
+    args.update(kw)
+    return pg.unsupported_reasons(query, cache, out if out is not None else torch.empty(
+        query.shape[0], query.shape[1], cache.shape[3] - query.shape[2], dtype=query.dtype), **args)
+
+
+def test_rules_name_every_reason_and_accept_the_served_shape():
+    """Host-only: on CPU tensors the device is the only reason for the served
+    shape; each unsupported feature adds its own reason."""
+    q = torch.empty(64, 8, 192, dtype=torch.bfloat16)
+    cache = torch.empty(10, 16, 2, 320, dtype=torch.bfloat16)
+    assert [r for r in _reasons(q, cache) if "sm_90" not in r] == ([] if pg.AVAILABLE else [
+        "triton.experimental.gluon is not available in this Triton"])
+    reasons = _reasons(q, cache, softcap=30.0, alibi_slopes=torch.ones(8), sliding_window=64, scale=-1.0,
+                       interpreted=True, arch="sm80")
+    for word in ("softcap", "ALiBi", "sliding window", "scale=-1.0", "interpreter", "sm_90"):
+        assert any(word in r for r in reasons), (word, reasons)
+    assert any("Dqk=128, Dv=128" in r for r in _reasons(torch.empty(64, 8, 128, dtype=torch.bfloat16),
+                                                         torch.empty(10, 16, 2, 256, dtype=torch.bfloat16)))
+    assert any("block_size=8" in r for r in _reasons(q, torch.empty(10, 8, 2, 320, dtype=torch.bfloat16)))
+    assert any("bf16/fp16" in r for r in _reasons(q.float(), cache.float()))
+    strided = torch.empty(10, 2, 16, 320, dtype=torch.bfloat16).transpose(1, 2)  # pages not consecutive rows
+    assert any("contiguous" in r for r in _reasons(q, strided))
+
+
+# ---------------------------------------------------------------- on the GPU
+def _on_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and pg.AVAILABLE
+
+
+hopper_only = pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU and Gluon")
+
+SCENARIOS = {
+    # (seqs, spec overrides, features)
+    "one_prefill_partial_last_tile": ((SeqShape(300, 0),), {}, LayerFeatures()),
+    "chunk_on_context_not_tile_aligned": ((SeqShape(77, 1000),), {}, LayerFeatures()),
+    "many_short_prefills": (tuple(SeqShape(q, c) for q, c in ((3, 0), (40, 9), (17, 130), (129, 0), (2, 5))), {},
+                            LayerFeatures()),
+    "empty_and_zero_context": ((SeqShape(0, 50), SeqShape(200, 0), SeqShape(0, 0), SeqShape(65, 0)), {},
+                               LayerFeatures()),
+    "sinks": ((SeqShape(150, 90), SeqShape(64, 0)), {}, LayerFeatures(sinks=True)),
+    "fp16": ((SeqShape(190, 33),), {"dtype": torch.float16}, LayerFeatures()),
+    "gqa_16": ((SeqShape(140, 60),), {"num_heads": 32, "num_kv_heads": 2}, LayerFeatures()),
+    "block_32": ((SeqShape(161, 70),), {"block_size": 32}, LayerFeatures()),
+    "block_64": ((SeqShape(161, 70),), {"block_size": 64}, LayerFeatures()),
+    "block_128": ((SeqShape(161, 300),), {"block_size": 128}, LayerFeatures(sinks=True)),
+    "long_context": ((SeqShape(256, 5000),), {}, LayerFeatures()),
+}
+
+
+def _spec(seqs, **kw) -> BatchSpec:
+    base = dict(seqs=seqs, num_heads=16, num_kv_heads=2, head_size=192, head_size_v=128, block_size=16,
+                dtype=torch.bfloat16, padding_rows=3, seed=11)
+    base.update(kw)
+    return BatchSpec(**base)
+
+
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    """Counts launches of the Gluon kernel."""
+    calls = []
+    real = pg.prefill
+
+    def counted(*a, **k):
+        calls.append(k.get("q_len_range"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(pg, "prefill", counted)
+    return calls
+
+
+@pytest.mark.gpu
+@hopper_only
+@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("api", ["functional", "class_api"])
+def test_gluon_prefill_matches_reference(name, api, gluon_calls):
+    seqs, overrides, features = SCENARIOS[name]
+    batch = make_batch(_spec(seqs, **overrides), features, device="cuda")
+    out = run_functional(batch) if api == "functional" else run_class_api(batch)
+    assert gluon_calls, "the Gluon kernel did not run"
+    check_output(out, batch, what=f"gluon prefill {name} ({api})")
+
+
+@pytest.mark.gpu
+@hopper_only
+@pytest.mark.parametrize("name", ["one_prefill_partial_last_tile", "sinks", "block_64"])
+def test_triton_and_gluon_paths_agree_with_reference(name, monkeypatch):
+    """The same batch through both prefill kernels: each within the
+    tolerance of the float64 reference."""
+    seqs, overrides, features = SCENARIOS[name]
+    batch = make_batch(_spec(seqs, **overrides), features, device="cuda")
+    check_output(run_functional(batch), batch, what="gluon")
+    monkeypatch.setattr(tk, "_USE_GLUON", False)
+    check_output(run_functional(batch), batch, what="triton")
+
+
+@pytest.mark.gpu
+@hopper_only
+def test_stale_host_hints(gluon_calls):
+    """Host hints from an earlier batch (max_seq_len, max_query_len far too
+    small, as at a CUDA-graph replay): the Gluon kernel reads lengths on the
+    device only, so the output is still right."""
+    batch = make_batch(_spec((SeqShape(300, 700), SeqShape(150, 0))), LayerFeatures(sinks=True), device="cuda")
+    out = batch.fresh_out()
+    kw = batch.attention_kwargs()
+    tk.paged_attention(batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_table, out,
+                       scale=kw["scale"], sinks=kw.get("sinks"), max_query_len=100, max_seq_len=200)
+    assert gluon_calls
+    check_output(out, batch, what="gluon prefill, stale hints")
+
