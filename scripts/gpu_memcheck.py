@@ -1,6 +1,6 @@
 """A representative subset of the Triton kernels for compute-sanitizer
 (``scripts/gpu_memcheck.sh``): every kernel (cache writer, single-pass and
-split attention, reduce), every feature flag, GQA with a padded head tile,
+split attention, reduce), every feature flag, GQA with a padded head tile, the Gluon prefill (sm_90),
 Dqk = 192 (two dot chunks), permuted blocks, out-of-range ids in unused
 block-table columns, NaN padding rows, q_len = 0 sequences, vLLM-strided
 cache. Prints one line per case; exits non-zero on a wrong result."""
@@ -45,6 +45,11 @@ def main() -> int:
                                                   torch.float32, 2), ALL, 16),
         ("decode bf16 256/256 block 64", BatchSpec((SeqShape(1, 700), SeqShape(1, 5)), 8, 1, 256, 256, 64,
                                                     torch.bfloat16, 1), SQRT, None),
+        # the Gluon prefill kernel on sm_90 (causal + sinks; partial last tiles over NaN-poisoned slots)
+        ("gluon prefill bf16 192/128 sinks, block 16", BatchSpec(MIXED, 16, 2, 192, 128, 16, torch.bfloat16, 3),
+         LayerFeatures(sinks=True), None),
+        ("gluon prefill fp16 192/128, block 64", BatchSpec((SeqShape(200, 0), SeqShape(77, 300)), 8, 2, 192, 128,
+                                                           64, torch.float16, 2), LayerFeatures(), None),
     ]
     for name, spec, features, splits in cases:
         batch = make_batch(spec, features, device="cuda")
