@@ -330,6 +330,31 @@ def descriptors(query: torch.Tensor, kv_cache: torch.Tensor) -> tuple:
             desc(rows, [block_size, width - Dqk]))
 
 
+def build_offline(block_size: int, use_sinks: bool, dtype: torch.dtype = torch.bfloat16):
+    """Compile the kernel for sm_90 on any machine (no GPU; ptxas ships with
+    Triton) and return the compiled kernel -- for tests and perf/ tools. Needs
+    a process where Triton is not in interpreter mode."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    query = torch.empty(256, 16, 192, dtype=dtype)
+    cache = torch.empty(32, block_size, 2, 320, dtype=dtype)
+    fn = _prefill_kernel
+    constexprs = dict(G=8, DQK=192, D1=128, D2=64, DV=128, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size,
+                      NUM_BUF=NUM_BUF, USE_SINKS=use_sinks, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS)
+    types = dict(zip(["qa_desc", "qb_desc", "ka_desc", "kb_desc", "v_desc"],
+                     [mangle_type(d) for d in descriptors(query, cache)]))
+    elem = "bf16" if dtype == torch.bfloat16 else "fp16"
+    types.update(out_ptr=f"*{elem}", qsl_ptr="*i32", seq_lens_ptr="*i32", bt_ptr="*i32", sinks_ptr="*fp32",
+                 qk_scale="fp32")
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+    src = GluonASTSource(fn=fn, signature=signature,
+                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
 def prefill(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
             block_table: torch.Tensor, out: torch.Tensor, *, scale: float, sinks: torch.Tensor | None,
             q_len_range: tuple[int, int]) -> torch.Tensor:
