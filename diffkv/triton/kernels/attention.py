@@ -18,6 +18,12 @@ class of sequences by ``q_len``: the decode launch with small row tiles, the
 other with prefill tiles. The classes partition the sequences for any
 metadata values, so a captured CUDA graph stays correct on replay.
 
+On an sm_90 GPU, prefill-regime launches of the shapes and features it
+serves (bf16/fp16, Dqk=192 / Dv=128, 16-128-token pages, causal with or
+without sinks) go to the Gluon kernel of :mod:`.prefill_gluon` instead (same
+grid rule, same ``q_len`` classes, no gather); :func:`_gluon_serves` decides
+from host-side facts only.
+
 Rows of a program: ``BLOCK_M = BLOCK_Q x G_TILE``, row ``r`` is query token
 ``q0 + r // G_TILE`` of the sequence and query head ``kvh * G + g_base +
 r % G_TILE`` (GQA packing: every K/V tile is loaded once for all the query
