@@ -72,7 +72,6 @@ except ImportError:  # pragma: no cover - older Triton: the paged path only
 LOG2E = 1.4426950408889634
 
 
-
 @dataclass
 class Workspace:
     """Preallocated split-KV scratch (fp32), flat so that one buffer serves
