@@ -136,21 +136,26 @@ def test_kernel_builds_for_sm90_without_a_gpu(block_size, sinks, dtype):
     as this one may have Triton in interpreter mode): the Gluon API it uses
     exists in this Triton, ptxas assembles it, its shared memory fits an H100
     block (227 KB) and the code has what the design relies on --
-    asynchronous wgmma with PV left in flight, TMA loads, per-partition
-    register budgets."""
+    asynchronous wgmma with PV left in flight (and not serialized by ptxas),
+    TMA loads, per-partition register budgets."""
     import json
     import os
     import subprocess
     import sys
 
     code = (
-        "import json, torch\n"
+        "import json, subprocess, tempfile, torch\n"
+        "from triton.backends.nvidia.compiler import get_ptxas\n"
         "from diffkv.triton.kernels.prefill_gluon import build_offline\n"
         f"k = build_offline({block_size}, {sinks}, torch.{dtype})\n"
         "ptx = k.asm['ptx']\n"
+        "with tempfile.TemporaryDirectory() as d:\n"
+        "    open(d + '/k.ptx', 'w').write(ptx)\n"
+        "    log = subprocess.run([get_ptxas(90).path, '-v', '--gpu-name=sm_90a', d + '/k.ptx', '-o', d + '/k.cubin'],\n"
+        "                         capture_output=True, text=True).stderr\n"
         "print(json.dumps(dict(shared=k.metadata.shared, wgmma='wgmma.mma_async' in ptx,\n"
         "    pv_in_flight='wgmma.wait_group.sync.aligned 1' in ptx, tma='cp.async.bulk.tensor' in ptx,\n"
-        "    setmaxnreg='setmaxnreg' in ptx)))\n"
+        "    setmaxnreg='setmaxnreg' in ptx, serialized='serialized' in log)))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
@@ -158,3 +163,7 @@ def test_kernel_builds_for_sm90_without_a_gpu(block_size, sinks, dtype):
     built = json.loads(run.stdout.strip().splitlines()[-1])
     assert built["shared"] <= 232448, built
     assert built["wgmma"] and built["pv_in_flight"] and built["tma"] and built["setmaxnreg"], built
+    # ptxas keeps the wgmma pipeline (no C7512 "wgmma.mma_async instructions
+    # are serialized"): with a wgmma in flight across the loop's back edge it
+    # serialized every wgmma and the kernel ran 24 % slower (perf/NOTES.md, exp25)
+    assert not built["serialized"], built

@@ -7,9 +7,12 @@ on each SM (perf/exp21-22; its automatic Hopper warp specialization hangs,
 perf/exp20). Here each program holds 128 query rows of one head and runs
 three partitions (``gl.warp_specialize``):
 
-* two consumer warpgroups, 64 rows each. Per KV tile t a consumer runs the
-  softmax of tile t while its PV(t-1) is still on the tensor cores, then
-  issues QK(t+1) and PV(t) and waits for QK(t+1) only; the two warpgroups are
+* two consumer warpgroups, 64 rows each. Per KV tile t a consumer issues
+  QK(t+1) and PV(t), waits for QK(t+1) only, runs the softmax of tile t+1
+  while PV(t) is still on the tensor cores, then waits for PV(t) (FA3's
+  order: no wgmma stays in flight across the loop's back edge, the one shape
+  in which ptxas keeps the wgmma pipeline instead of serializing every
+  instruction -- ptxas C7512, perf/NOTES.md exp25); the two warpgroups are
   independent, so one's softmax also overlaps the other's matrix work;
 * one producer warp that loads Q once and K/V tiles of 128 keys into a
   2-deep shared-memory ring by TMA, straight from the paged cache: one TMA
@@ -129,57 +132,70 @@ if AVAILABLE:
         qa = qa_s.index(c)
         qb = qb_s.index(c)
         zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+        pos = ctx + r0 + gl.arange(0, HALF_M, layout=s_rows)
+        cn = gl.arange(0, BLOCK_N, layout=s_cols)
+
+        # tile 0: S = QK(0), softmax -> P(0)
         mbarrier.wait(q_bars.index(c), 0)
         mbarrier.wait(k_ready.index(0), 0)
         s_tok = warpgroup_mma(qa, ka_s.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s_tok = warpgroup_mma(qb, kb_s.index(0).permute((1, 0)), s_tok, is_async=True)
         x = warpgroup_mma_wait(0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0))
-
-        pos = ctx + r0 + gl.arange(0, HALF_M, layout=s_rows)
-        cn = gl.arange(0, BLOCK_N, layout=s_cols)
-        m_i = gl.full([HALF_M], float("-inf"), gl.float32, s_rows)
-        l_i = gl.zeros([HALF_M], gl.float32, s_rows)
-        acc_tok = warpgroup_mma_init(gl.zeros([HALF_M, DV], gl.float32, o_layout))
-        for t in range(0, n_tiles):
+        if 0 >= int_hi:
+            visible = (cn[None, :] <= pos[:, None]) & (cn < seq_len)[None, :]
+            x = gl.where(visible, x, float("-inf"))
+        # causal from key 0: every row sees key 0, so m is finite from tile 0 on
+        m_i = gl.max(x, 1) * qk_scale
+        p = gl.exp2(x * qk_scale - m_i[:, None])
+        l_i = gl.sum(p, 1)
+        p_op = gl.convert_layout(p.to(v_s.dtype), p_layout)
+        acc = gl.zeros([HALF_M, DV], gl.float32, o_layout)
+        # steady state, as FA3 orders it: issue QK(t+1) and PV(t), wait for
+        # QK(t+1) only, softmax(t+1) while PV(t) runs, then wait for PV(t).
+        # No wgmma is in flight across the loop's back edge: ptxas keeps the
+        # wgmma pipeline only then (else it serializes every wgmma, C7512).
+        for t in range(0, n_tiles - 1):
             slot = t % NUM_BUF
-            if t >= int_hi:
-                j = t * BLOCK_N + cn
+            nslot = (t + 1) % NUM_BUF
+            mbarrier.wait(k_ready.index(nslot), ((t + 1) // NUM_BUF) & 1)
+            s_tok = warpgroup_mma(qa, ka_s.index(nslot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(qb, kb_s.index(nslot).permute((1, 0)), s_tok, is_async=True)
+            mbarrier.wait(v_ready.index(slot), (t // NUM_BUF) & 1)
+            acc_tok = warpgroup_mma(p_op, v_s.index(slot), acc, is_async=True)
+            x = warpgroup_mma_wait(1, deps=[s_tok])  # QK(t+1) done; PV(t) may still run
+            mbarrier.arrive(k_empty.index(nslot))
+            if t + 1 >= int_hi:
+                j = (t + 1) * BLOCK_N + cn
                 visible = (j[None, :] <= pos[:, None]) & (j < seq_len)[None, :]
                 x = gl.where(visible, x, float("-inf"))
-            # causal from key 0: every row sees key 0, so m is finite from tile 0 on
             m_new = gl.maximum(m_i, gl.max(x, 1) * qk_scale)
             p = gl.exp2(x * qk_scale - m_new[:, None])
             alpha = gl.exp2(m_i - m_new)
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
-            acc = warpgroup_mma_wait(0, deps=[acc_tok])  # PV(t-1) done
-            if t > 0:
-                mbarrier.arrive(v_empty.index((t - 1) % NUM_BUF))
+            acc = warpgroup_mma_wait(0, deps=[acc_tok])  # PV(t) done
+            mbarrier.arrive(v_empty.index(slot))
             acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-            nxt = gl.minimum(t + 1, n_tiles - 1)  # on the last tile: QK(t) again, discarded
-            nslot = nxt % NUM_BUF
-            mbarrier.wait(k_ready.index(nslot), (nxt // NUM_BUF) & 1)
-            s_tok = warpgroup_mma(qa, ka_s.index(nslot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            s_tok = warpgroup_mma(qb, kb_s.index(nslot).permute((1, 0)), s_tok, is_async=True)
-            mbarrier.wait(v_ready.index(slot), (t // NUM_BUF) & 1)
-            v_tile = v_s.index(slot)
-            if last_partial & (t == n_tiles - 1):
-                # rows past the sequence may hold NaN: zero them before PV reads them
-                if c == 0:
-                    for i in gl.static_range(BLOCK_N // 32):  # 32 rows at a time: few registers
-                        rows = t * BLOCK_N + i * 32 + gl.arange(0, 32, layout=gl.SliceLayout(1, v_reg_layout))
-                        chunk = v_tile.slice(i * 32, 32)
-                        v_vals = chunk.load(v_reg_layout)
-                        chunk.store(gl.where((rows < seq_len)[:, None], v_vals, gl.zeros_like(v_vals)))
-                    fence_async_shared()
-                    mbarrier.arrive(v_fixed)
-                else:
-                    mbarrier.wait(v_fixed, 0)
             p_op = gl.convert_layout(p.to(v_s.dtype), p_layout)
-            acc_tok = warpgroup_mma(p_op, v_tile, acc, is_async=True)
-            x = warpgroup_mma_wait(1, deps=[s_tok])  # QK(t+1) done; PV(t) may still run
-            mbarrier.arrive(k_empty.index(nslot), pred=t + 1 < n_tiles)
+        # last tile: PV(n_tiles - 1)
+        t = n_tiles - 1
+        slot = t % NUM_BUF
+        mbarrier.wait(v_ready.index(slot), (t // NUM_BUF) & 1)
+        v_tile = v_s.index(slot)
+        if last_partial:
+            # rows past the sequence may hold NaN: zero them before PV reads them
+            if c == 0:
+                for i in gl.static_range(BLOCK_N // 32):  # 32 rows at a time: few registers
+                    rows = t * BLOCK_N + i * 32 + gl.arange(0, 32, layout=gl.SliceLayout(1, v_reg_layout))
+                    chunk = v_tile.slice(i * 32, 32)
+                    v_vals = chunk.load(v_reg_layout)
+                    chunk.store(gl.where((rows < seq_len)[:, None], v_vals, gl.zeros_like(v_vals)))
+                fence_async_shared()
+                mbarrier.arrive(v_fixed)
+            else:
+                mbarrier.wait(v_fixed, 0)
+        acc_tok = warpgroup_mma(p_op, v_tile, acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc_tok])
 
         if USE_SINKS:
