@@ -9,13 +9,14 @@ static snake order of work items; falsified, perf/logs/exp24_h200.log), exp25
 with the loop reordered so that ptxas keeps the wgmma pipeline
 (perf/logs/exp25_h100.log). perf/NOTES.md has predictions and outcomes.
 
-    python perf/exp25.py
+    python perf/exp25.py [VARIANT.py | product ...]   # default: the exp23 kernel vs product
 """
 
 from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 import torch
 
@@ -24,9 +25,11 @@ from diffkv.triton.kernels import attention as tk
 from diffkv.triton.kernels import prefill_gluon as v2
 
 
-def _load_v1():
-    path = pathlib.Path(__file__).with_name("exp25_v1_prefill_gluon.py")
-    spec = importlib.util.spec_from_file_location("exp25_v1_prefill_gluon", path)
+def _load(path: str):
+    """A prefill_gluon variant from a file (``product``: the product module)."""
+    if path == "product":
+        return v2
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -34,7 +37,8 @@ def _load_v1():
 
 def main():
     dev = torch.device("cuda")
-    v1 = _load_v1()
+    names = sys.argv[1:] or [str(pathlib.Path(__file__).with_name("exp25_v1_prefill_gluon.py")), "product"]
+    mods = [(pathlib.Path(n).stem[:12], _load(n)) for n in names]
     ceil = measure_ceilings(dev)
     print(torch.cuda.get_device_name(), {k: round(v, 1) for k, v in ceil.items()}, flush=True)
     for name in ("prefill_1x8k", "prefill_4x2k", "mixed.prefill_part", "mixed_2kchunk_62dec"):
@@ -42,7 +46,7 @@ def main():
         b = build_batch(s, dev)
         _, flops = workload(s)
         outs = {}
-        for tag, mod in (("v1", v1), ("v2", v2), ("v1", v1), ("v2", v2)):
+        for tag, mod in mods + mods:
             tk._prefill_gluon = mod
             fn = run_backend(s, b, "triton")
             b.out.fill_(float("nan"))
@@ -53,8 +57,10 @@ def main():
             ms, lo, hi = time_fn(replay)
             print(f"{name:22s} {tag} {ms:.4f} ms [{lo:.4f}, {hi:.4f}]  "
                   f"{100 * flops / ms / 1e9 / ceil['bf16_matmul_TFLOPs']:.1f} % of matmul", flush=True)
-        d = (outs["v1"] - outs["v2"]).abs().max().item()
-        print(f"{name:22s} max |v2 - v1| {d:.3g}, NaN: {bool(outs['v2'].isnan().any())}", flush=True)
+        first = outs[mods[0][0]]
+        for tag, _ in mods[1:]:
+            d = (outs[tag] - first).abs().max().item()
+            print(f"{name:22s} max |{tag} - {mods[0][0]}| {d:.3g}, NaN: {bool(outs[tag].isnan().any())}", flush=True)
     tk._prefill_gluon = v2
 
 
