@@ -1,0 +1,395 @@
+"""Hopper (sm_90) causal prefill written in Gluon, Triton's lower-level
+dialect (``triton.experimental.gluon``, shipped with Triton >= 3.5).
+
+Why a second prefill kernel: Triton 3.6 waits for every wgmma right after it
+is issued, so in the Triton kernel QK -> softmax -> PV run one after another
+on each SM (perf/exp21-22; its automatic Hopper warp specialization hangs,
+perf/exp20). Here each program holds 128 query rows of one head and runs
+three partitions (``gl.warp_specialize``):
+
+* two consumer warpgroups, 64 rows each. Per KV tile t a consumer issues
+  QK(t+1) and PV(t), waits for QK(t+1) only, runs the softmax of tile t+1
+  while PV(t) is still on the tensor cores, then waits for PV(t) (FA3's
+  order: no wgmma stays in flight across the loop's back edge, the one shape
+  in which ptxas keeps the wgmma pipeline instead of serializing every
+  instruction -- ptxas C7512, perf/NOTES.md exp25); the two warpgroups are
+  independent, so one's softmax also overlaps the other's matrix work;
+* one producer warp that loads Q once and K/V tiles of 128 keys into a
+  2-deep shared-memory ring by TMA, straight from the paged cache: one TMA
+  box per cache page (``block_size`` rows), page ids read from the block
+  table. A K (V) slot is refilled when both consumers have finished QK (PV)
+  on it (mbarriers with count 2).
+
+Pages past the block table's width or past the sequence are loaded from a
+row past the cache's end, which TMA fills with zeros; rows past the sequence
+inside its last page (whatever they hold, NaN included) are masked out of the
+scores, and consumer 0 zeroes them in the V tile before either consumer's PV
+reads it (consumer 1 waits for that), so 0 * NaN never reaches the output.
+
+Served: bf16/fp16, Dqk = 128 + 64, Dv = 128 (the measured DiffKV shape),
+page-contiguous caches with 16..128-token pages, causal attention with
+optional sinks. Softcap, ALiBi and sliding windows go to the Triton kernel
+(:func:`unsupported_reasons` lists why a call is not served).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon is experimental: a Triton without it keeps the Triton kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_init,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _GluonDescriptor
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    AVAILABLE = False
+
+BLOCK_M = 128
+"""Query rows per program (two consumer warpgroups of 64)."""
+BLOCK_N = 128
+"""Keys per KV tile (exp22: 128-key tiles 1.30 ms vs 64-key 1.49 ms at 1x8k)."""
+NUM_BUF = 1
+"""Depth of the K/V ring (2 x 80 KB + 48 KB of Q fit the 227 KB of an SM)."""
+CONSUMER_REGS = 240
+PRODUCER_REGS = 24
+SERVED_SHAPES = {(192, 128): (128, 64)}
+"""(Dqk, Dv) -> (D1, D2): the K/Q width in two power-of-two chunks."""
+SERVED_BLOCK_SIZES = (16, 32, 64, 128)
+LOG2E = 1.4426950408889634
+
+
+def unsupported_reasons(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, *, scale: float,
+                        sliding_window, softcap, alibi_slopes, arch: str, interpreted: bool) -> list[str]:
+    """Every reason this kernel cannot serve the call (empty: it can).
+    Host-only: shapes, strides, dtypes and flags; no device read."""
+    reasons = []
+    if not AVAILABLE:
+        reasons.append("triton.experimental.gluon is not available in this Triton")
+    if interpreted:
+        reasons.append("the Triton interpreter does not run Gluon kernels")
+    if query.device.type != "cuda" or arch != "sm90":
+        reasons.append(f"needs an sm_90 CUDA device (got {query.device.type}, arch {arch})")
+    if query.dtype not in (torch.bfloat16, torch.float16) or kv_cache.dtype != query.dtype \
+            or out.dtype != query.dtype:
+        reasons.append(f"needs bf16/fp16 query, cache and output of one dtype (got {query.dtype}, "
+                       f"{kv_cache.dtype}, {out.dtype})")
+    T, H, Dqk = query.shape
+    num_blocks, block_size, Hkv, width = kv_cache.shape
+    Dv = width - Dqk
+    if (Dqk, Dv) not in SERVED_SHAPES:
+        reasons.append(f"head sizes (Dqk={Dqk}, Dv={Dv}) not in {sorted(SERVED_SHAPES)}")
+    if block_size not in SERVED_BLOCK_SIZES:
+        reasons.append(f"block_size={block_size} not in {SERVED_BLOCK_SIZES}")
+    if softcap is not None and softcap > 0:
+        reasons.append("softcap")
+    if alibi_slopes is not None:
+        reasons.append("ALiBi")
+    if sliding_window is not None:
+        reasons.append("sliding window")
+    if not scale > 0:
+        reasons.append(f"scale={scale} (needs > 0: the row max is taken before scaling)")
+    if kv_cache.stride() != (block_size * Hkv * width, Hkv * width, width, 1) or kv_cache.data_ptr() % 16:
+        reasons.append("needs a contiguous, 16-byte aligned cache (pages of consecutive rows for TMA boxes)")
+    if num_blocks * block_size >= 2**31 - BLOCK_N:
+        reasons.append("cache rows must fit TMA's int32 coordinates")
+    if query.stride(2) != 1 or query.stride(1) != Dqk or (query.stride(0) * query.element_size()) % 16 \
+            or query.data_ptr() % 16:
+        reasons.append("needs query rows [H * Dqk] contiguous with a 16-byte aligned row stride")
+    return reasons
+
+
+if AVAILABLE:
+
+    @gluon.jit
+    def _consumer(c: gl.constexpr, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready, k_empty, v_empty, v_fixed,
+                  out_ptr, q_start, q0, q_len, seq_len, ctx, n_tiles, qk_scale, sink_log2, h, stride_o0, stride_o1,
+                  HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, NUM_BUF: gl.constexpr,
+                  USE_SINKS: gl.constexpr):
+        """Rows [q0 + c * HALF_M, + HALF_M) of the program's query tile."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, DV, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        v_reg_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+        s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+        r0 = q0 + c * HALF_M
+        int_hi = (ctx + r0 + 1) // BLOCK_N  # tiles below this one are visible to every row: no mask
+        last_partial = seq_len < n_tiles * BLOCK_N  # the last tile holds rows past the sequence
+        qa = qa_s.index(c)
+        qb = qb_s.index(c)
+        zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+        pos = ctx + r0 + gl.arange(0, HALF_M, layout=s_rows)
+        cn = gl.arange(0, BLOCK_N, layout=s_cols)
+
+        # tile 0: S = QK(0), softmax -> P(0)
+        mbarrier.wait(q_bars.index(c), 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(qa, ka_s.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(qb, kb_s.index(0).permute((1, 0)), s_tok, is_async=True)
+        x = warpgroup_mma_wait(0, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(0))
+        if 0 >= int_hi:
+            visible = (cn[None, :] <= pos[:, None]) & (cn < seq_len)[None, :]
+            x = gl.where(visible, x, float("-inf"))
+        # causal from key 0: every row sees key 0, so m is finite from tile 0 on
+        m_i = gl.max(x, 1) * qk_scale
+        p = gl.exp2(x * qk_scale - m_i[:, None])
+        l_i = gl.sum(p, 1)
+        p_op = gl.convert_layout(p.to(v_s.dtype), p_layout)
+        acc = gl.zeros([HALF_M, DV], gl.float32, o_layout)
+        # steady state, as FA3 orders it: issue QK(t+1) and PV(t), wait for
+        # QK(t+1) only, softmax(t+1) while PV(t) runs, then wait for PV(t).
+        # No wgmma is in flight across the loop's back edge: ptxas keeps the
+        # wgmma pipeline only then (else it serializes every wgmma, C7512).
+        for t in range(0, n_tiles - 1):
+            slot = t % NUM_BUF
+            nslot = (t + 1) % NUM_BUF
+            mbarrier.wait(k_ready.index(nslot), ((t + 1) // NUM_BUF) & 1)
+            s_tok = warpgroup_mma(qa, ka_s.index(nslot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(qb, kb_s.index(nslot).permute((1, 0)), s_tok, is_async=True)
+            mbarrier.wait(v_ready.index(slot), (t // NUM_BUF) & 1)
+            acc_tok = warpgroup_mma(p_op, v_s.index(slot), acc, is_async=True)
+            x = warpgroup_mma_wait(1, deps=[s_tok])  # QK(t+1) done; PV(t) may still run
+            mbarrier.arrive(k_empty.index(nslot))
+            if t + 1 >= int_hi:
+                j = (t + 1) * BLOCK_N + cn
+                visible = (j[None, :] <= pos[:, None]) & (j < seq_len)[None, :]
+                x = gl.where(visible, x, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(x, 1) * qk_scale)
+            p = gl.exp2(x * qk_scale - m_new[:, None])
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc = warpgroup_mma_wait(0, deps=[acc_tok])  # PV(t) done
+            mbarrier.arrive(v_empty.index(slot))
+            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+            p_op = gl.convert_layout(p.to(v_s.dtype), p_layout)
+        # last tile: PV(n_tiles - 1)
+        t = n_tiles - 1
+        slot = t % NUM_BUF
+        mbarrier.wait(v_ready.index(slot), (t // NUM_BUF) & 1)
+        v_tile = v_s.index(slot)
+        if last_partial:
+            # rows past the sequence may hold NaN: zero them before PV reads them
+            if c == 0:
+                for i in gl.static_range(BLOCK_N // 32):  # 32 rows at a time: few registers
+                    rows = t * BLOCK_N + i * 32 + gl.arange(0, 32, layout=gl.SliceLayout(1, v_reg_layout))
+                    chunk = v_tile.slice(i * 32, 32)
+                    v_vals = chunk.load(v_reg_layout)
+                    chunk.store(gl.where((rows < seq_len)[:, None], v_vals, gl.zeros_like(v_vals)))
+                fence_async_shared()
+                mbarrier.arrive(v_fixed)
+            else:
+                mbarrier.wait(v_fixed, 0)
+        acc_tok = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[acc_tok])
+
+        if USE_SINKS:
+            m_f = gl.maximum(m_i, sink_log2)
+            corr = gl.exp2(m_i - m_f)
+            l_i = l_i * corr + gl.exp2(sink_log2 - m_f)
+            acc = acc * gl.convert_layout(corr, o_rows)[:, None]
+        out = acc / gl.convert_layout(l_i, o_rows)[:, None]
+        r = gl.arange(0, HALF_M, layout=o_rows)
+        dv = gl.arange(0, DV, layout=o_cols)
+        t_row = (q_start + r0 + r).to(gl.int64)
+        offs = t_row[:, None] * stride_o0 + h.to(gl.int64) * stride_o1 + dv[None, :]
+        gl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty),
+                 mask=(r0 + r < q_len)[:, None] & (dv < DV)[None, :])
+
+    @gluon.jit
+    def _producer(qa_desc, qb_desc, ka_desc, kb_desc, v_desc, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready,
+                  k_empty, v_empty, bt_row, num_bt_cols, oob_row, q_row, q_col, kv_col0, seq_len, n_tiles,
+                  HALF_M: gl.constexpr, D1: gl.constexpr, D2: gl.constexpr, DV: gl.constexpr,
+                  BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, NUM_BUF: gl.constexpr):
+        """Q once, then each K/V tile as BLOCK_N // BLOCK_SIZE page boxes."""
+        PAGES: gl.constexpr = BLOCK_N // BLOCK_SIZE
+        for c in gl.static_range(2):
+            mbarrier.expect(q_bars.index(c), HALF_M * (D1 + D2) * 2)
+            tma.async_copy_global_to_shared(qa_desc, [q_row + c * HALF_M, q_col], q_bars.index(c), qa_s.index(c))
+            tma.async_copy_global_to_shared(qb_desc, [q_row + c * HALF_M, q_col + D1], q_bars.index(c),
+                                            qb_s.index(c))
+        for t in range(0, n_tiles):
+            slot = t % NUM_BUF
+            phase = ((t // NUM_BUF) & 1) ^ 1  # a fresh barrier passes a wait for parity 1
+            mbarrier.wait(k_empty.index(slot), phase)
+            mbarrier.expect(k_ready.index(slot), BLOCK_N * (D1 + D2) * 2)
+            for i in gl.static_range(PAGES):
+                col = t * PAGES + i
+                ok = (col < num_bt_cols) & (col * BLOCK_SIZE < seq_len)
+                page = gl.load(bt_row + gl.where(ok, col, 0))
+                row = gl.where(ok, page * BLOCK_SIZE, oob_row)  # past the cache's end: TMA fills zeros
+                tma.async_copy_global_to_shared(ka_desc, [row, kv_col0], k_ready.index(slot),
+                                                ka_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+                tma.async_copy_global_to_shared(kb_desc, [row, kv_col0 + D1], k_ready.index(slot),
+                                                kb_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+            mbarrier.wait(v_empty.index(slot), phase)
+            mbarrier.expect(v_ready.index(slot), BLOCK_N * DV * 2)
+            for i in gl.static_range(PAGES):
+                col = t * PAGES + i
+                ok = (col < num_bt_cols) & (col * BLOCK_SIZE < seq_len)
+                page = gl.load(bt_row + gl.where(ok, col, 0))
+                row = gl.where(ok, page * BLOCK_SIZE, oob_row)
+                tma.async_copy_global_to_shared(v_desc, [row, kv_col0 + D1 + D2], v_ready.index(slot),
+                                                v_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+
+    @gluon.jit
+    def _prefill_kernel(
+        qa_desc, qb_desc,  # query as [T, H * DQK]: boxes [BLOCK_M // 2, D1], [BLOCK_M // 2, D2]
+        ka_desc, kb_desc, v_desc,  # cache as [num_blocks * BLOCK_SIZE, Hkv * (DQK + DV)]: page boxes
+        out_ptr,  # [T, H, DV]
+        qsl_ptr,  # [S + 1] int32
+        seq_lens_ptr,  # [S] int32
+        bt_ptr,  # [S, num_bt_cols] int32
+        sinks_ptr,  # [H] fp32 (USE_SINKS)
+        num_seqs, num_bt_cols, stride_bt0, oob_row, q_len_lo, q_len_hi, qk_scale, stride_o0, stride_o1,
+        G: gl.constexpr, DQK: gl.constexpr, D1: gl.constexpr, D2: gl.constexpr, DV: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, NUM_BUF: gl.constexpr,
+        USE_SINKS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    ):
+        HALF_M: gl.constexpr = BLOCK_M // 2
+        # grid (H, T // BLOCK_M + S): query tiles run last-first, so the tiles
+        # with the most keys start first; tile index -> sequence by binary search
+        pid_q = gl.num_programs(1) - 1 - gl.program_id(1)
+        h = gl.program_id(0)
+        kvh = h // G
+        lo = pid_q * 0
+        hi = lo + num_seqs - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            start = gl.load(qsl_ptr + mid) // BLOCK_M + mid
+            go_right = start <= pid_q
+            lo = gl.where(go_right, mid, lo)
+            hi = gl.where(go_right, hi, mid - 1)
+        s = lo
+        q_start = gl.load(qsl_ptr + s)
+        q_len = gl.load(qsl_ptr + s + 1) - q_start
+        q0 = (pid_q - (q_start // BLOCK_M + s)) * BLOCK_M
+        if (q0 < q_len) & (q_len >= q_len_lo) & (q_len <= q_len_hi):
+            seq_len = gl.load(seq_lens_ptr + s)
+            ctx = seq_len - q_len
+            n_tiles = (ctx + gl.minimum(q0 + BLOCK_M, q_len) + BLOCK_N - 1) // BLOCK_N
+            if USE_SINKS:
+                sink_log2 = gl.load(sinks_ptr + h) * 1.4426950408889634
+            else:
+                sink_log2 = qk_scale * 0.0
+
+            qa_s = gl.allocate_shared_memory(qa_desc.dtype, [2, HALF_M, D1], qa_desc.layout)
+            qb_s = gl.allocate_shared_memory(qb_desc.dtype, [2, HALF_M, D2], qb_desc.layout)
+            ka_s = gl.allocate_shared_memory(ka_desc.dtype, [NUM_BUF, BLOCK_N, D1], ka_desc.layout)
+            kb_s = gl.allocate_shared_memory(kb_desc.dtype, [NUM_BUF, BLOCK_N, D2], kb_desc.layout)
+            v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, DV], v_desc.layout)
+            q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+            v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+            k_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+            v_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+            v_fixed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(q_bars.index(i), count=1)
+            for i in gl.static_range(NUM_BUF):
+                mbarrier.init(k_ready.index(i), count=1)
+                mbarrier.init(v_ready.index(i), count=1)
+                mbarrier.init(k_empty.index(i), count=2)
+                mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(v_fixed, count=1)
+
+            bt_row = bt_ptr + s.to(gl.int64) * stride_bt0
+            kv_col0 = kvh * (DQK + DV)
+            gl.warp_specialize([
+                (_consumer, (0, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready, k_empty, v_empty, v_fixed,
+                             out_ptr, q_start, q0, q_len, seq_len, ctx, n_tiles, qk_scale, sink_log2, h, stride_o0,
+                             stride_o1, HALF_M, BLOCK_N, DV, NUM_BUF, USE_SINKS)),
+                (_consumer, (1, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready, k_empty, v_empty, v_fixed,
+                             out_ptr, q_start, q0, q_len, seq_len, ctx, n_tiles, qk_scale, sink_log2, h, stride_o0,
+                             stride_o1, HALF_M, BLOCK_N, DV, NUM_BUF, USE_SINKS)),
+                (_producer, (qa_desc, qb_desc, ka_desc, kb_desc, v_desc, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready,
+                             v_ready, k_empty, v_empty, bt_row, num_bt_cols, oob_row, q_start + q0, h * DQK, kv_col0,
+                             seq_len, n_tiles, HALF_M, D1, D2, DV, BLOCK_N, BLOCK_SIZE, NUM_BUF)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+
+
+def descriptors(query: torch.Tensor, kv_cache: torch.Tensor) -> tuple:
+    """TMA descriptors: Q chunks over ``[T, H * Dqk]`` (boxes of BLOCK_M // 2
+    rows), K chunks and V over the cache's rows ``[num_blocks * block_size,
+    Hkv * (Dqk + Dv)]`` (boxes of one page)."""
+    T, H, Dqk = query.shape
+    num_blocks, block_size, Hkv, width = kv_cache.shape
+    d1, d2 = SERVED_SHAPES[(Dqk, width - Dqk)]
+    dt = _gl_dtype(query.dtype)
+    q2 = query.as_strided((T, H * Dqk), (query.stride(0), 1))
+    rows = kv_cache.view(num_blocks * block_size, Hkv * width)
+    half = BLOCK_M // 2
+
+    def desc(t, box):
+        return _GluonDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dt))
+
+    return (desc(q2, [half, d1]), desc(q2, [half, d2]), desc(rows, [block_size, d1]), desc(rows, [block_size, d2]),
+            desc(rows, [block_size, width - Dqk]))
+
+
+def build_offline(block_size: int, use_sinks: bool, dtype: torch.dtype = torch.bfloat16):
+    """Compile the kernel for sm_90 on any machine (no GPU; ptxas ships with
+    Triton) and return the compiled kernel -- for tests and perf/ tools. Needs
+    a process where Triton is not in interpreter mode."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    query = torch.empty(256, 16, 192, dtype=dtype)
+    cache = torch.empty(32, block_size, 2, 320, dtype=dtype)
+    fn = _prefill_kernel
+    constexprs = dict(G=8, DQK=192, D1=128, D2=64, DV=128, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size,
+                      NUM_BUF=NUM_BUF, USE_SINKS=use_sinks, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS)
+    types = dict(zip(["qa_desc", "qb_desc", "ka_desc", "kb_desc", "v_desc"],
+                     [mangle_type(d) for d in descriptors(query, cache)]))
+    elem = "bf16" if dtype == torch.bfloat16 else "fp16"
+    types.update(out_ptr=f"*{elem}", qsl_ptr="*i32", seq_lens_ptr="*i32", bt_ptr="*i32", sinks_ptr="*fp32",
+                 qk_scale="fp32")
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+    src = GluonASTSource(fn=fn, signature=signature,
+                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def prefill(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+            block_table: torch.Tensor, out: torch.Tensor, *, scale: float, sinks: torch.Tensor | None,
+            q_len_range: tuple[int, int]) -> torch.Tensor:
+    """Causal attention for the sequences whose ``q_len`` lies in
+    ``q_len_range`` (the caller checked :func:`unsupported_reasons` is
+    empty). Shapes as :func:`diffkv.triton.kernels.attention.paged_attention`;
+    no allocation, no host sync (CUDA-graph capturable)."""
+    T, H, Dqk = query.shape
+    num_blocks, block_size, Hkv, width = kv_cache.shape
+    d1, d2 = SERVED_SHAPES[(Dqk, width - Dqk)]
+    S = seq_lens.shape[0]
+    grid = (H, T // BLOCK_M + S)
+    _prefill_kernel[grid](
+        *descriptors(query, kv_cache), out, query_start_loc, seq_lens, block_table,
+        sinks if sinks is not None else seq_lens,
+        S, block_table.shape[1], block_table.stride(0), num_blocks * block_size, q_len_range[0], q_len_range[1],
+        float(scale * LOG2E), out.stride(0), out.stride(1),
+        G=H // Hkv, DQK=Dqk, D1=d1, D2=d2, DV=width - Dqk, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size,
+        NUM_BUF=NUM_BUF, USE_SINKS=sinks is not None, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        num_warps=4,
+    )
+    return out
