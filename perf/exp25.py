@@ -38,7 +38,7 @@ def _load(path: str):
 def main():
     dev = torch.device("cuda")
     names = sys.argv[1:] or [str(pathlib.Path(__file__).with_name("exp25_v1_prefill_gluon.py")), "product"]
-    mods = [(pathlib.Path(n).stem[:12], _load(n)) for n in names]
+    mods = [(pathlib.Path(n).stem.replace("_prefill_gluon", ""), _load(n)) for n in names]
     ceil = measure_ceilings(dev)
     print(torch.cuda.get_device_name(), {k: round(v, 1) for k, v in ceil.items()}, flush=True)
     for name in ("prefill_1x8k", "prefill_4x2k", "mixed.prefill_part", "mixed_2kchunk_62dec"):
@@ -55,7 +55,7 @@ def main():
             outs[tag] = b.out.float().clone()
             replay = as_graph(fn) or fn
             ms, lo, hi = time_fn(replay)
-            print(f"{name:22s} {tag} {ms:.4f} ms [{lo:.4f}, {hi:.4f}]  "
+            print(f"{name:22s} {tag:20s} {ms:.4f} ms [{lo:.4f}, {hi:.4f}]  "
                   f"{100 * flops / ms / 1e9 / ceil['bf16_matmul_TFLOPs']:.1f} % of matmul", flush=True)
         first = outs[mods[0][0]]
         for tag, _ in mods[1:]:
