@@ -17,7 +17,8 @@ from tests.triton_common import check_output, run_class_api, run_functional
 
 
 def _reasons(query, cache, out=None, **kw):
-    args = dict(scale=0.1, sliding_window=None, softcap=None, alibi_slopes=None, arch="sm90", interpreted=False)
+    args = dict(scale=0.1, sliding_window=None, softcap=None, alibi_slopes=None, compute_capability=90,
+                interpreted=False)
     args.update(kw)
     return pg.unsupported_reasons(query, cache, out if out is not None else torch.empty(
         query.shape[0], query.shape[1], cache.shape[3] - query.shape[2], dtype=query.dtype), **args)
@@ -31,7 +32,7 @@ def test_rules_name_every_reason_and_accept_the_served_shape():
     assert [r for r in _reasons(q, cache) if "sm_90" not in r] == ([] if pg.AVAILABLE else [
         "triton.experimental.gluon is not available in this Triton"])
     reasons = _reasons(q, cache, softcap=30.0, alibi_slopes=torch.ones(8), sliding_window=64, scale=-1.0,
-                       interpreted=True, arch="sm80")
+                       interpreted=True, compute_capability=80)
     for word in ("softcap", "ALiBi", "sliding window", "scale=-1.0", "interpreter", "sm_90"):
         assert any(word in r for r in reasons), (word, reasons)
     assert any("Dqk=128, Dv=128" in r for r in _reasons(torch.empty(64, 8, 128, dtype=torch.bfloat16),
@@ -130,6 +131,33 @@ def test_stale_host_hints(gluon_calls):
     assert gluon_calls
     check_output(out, batch, what="gluon prefill, stale hints")
 
+
+
+@pytest.mark.gpu
+@hopper_only
+def test_builder_allocates_no_gather_buffer_until_a_layer_needs_it(gluon_calls):
+    """On sm_90 the Gluon kernel reads the pages in place, so the builder
+    defers the Triton prefill's gather buffer: a plain causal layer never
+    allocates it; a sliding-window layer (Triton kernel) allocates it on its
+    first prefill. Both outputs match the reference."""
+    from diffkv.triton.backend import TritonBackend
+    from tests.triton_common import build_metadata
+
+    seqs = (SeqShape(300, 40), SeqShape(130, 0))
+    plain = make_batch(_spec(seqs), LayerFeatures(), device="cuda")
+    builder, md = build_metadata(plain, TritonBackend)
+    ws = builder.workspace
+    assert ws.kv_rows is None and ws.kv_deferred is not None, "gather buffer allocated up front on sm_90"
+    for batch, gluon in ((plain, True), (make_batch(_spec(seqs), LayerFeatures(sliding_window=64), device="cuda"),
+                                         False)):
+        assert torch.equal(batch.block_table, plain.block_table), "the metadata must describe both batches"
+        impl = TritonBackend.get_impl_cls()(**batch.impl_kwargs())
+        out = batch.fresh_out()
+        gluon_calls.clear()
+        impl.forward(None, batch.query, batch.key, batch.value, batch.kv_cache.clone(), md, out)
+        assert bool(gluon_calls) == gluon
+        assert (ws.kv_rows is None) == gluon, "the buffer should exist exactly when the Triton prefill ran"
+        check_output(out, batch, what=f"builder workspace, gluon={gluon}")
 
 
 @pytest.mark.skipif(not pg.AVAILABLE, reason="this Triton has no Gluon")

@@ -452,6 +452,38 @@ def test_gathered_copy_too_small_falls_back_to_paged_reads_per_sequence(monkeypa
     check_output(out, batch, what="gather buffer overflow")
 
 
+
+def test_builder_defers_the_gather_buffer_until_a_triton_prefill_needs_it(monkeypatch):
+    """Where the Gluon prefill kernel may serve the layer shape (sm_90), the
+    builder does not allocate the 84 MB gather buffer up front. Simulated
+    here (the interpreter never runs Gluon): the builder defers it; the first
+    prefill that goes to the Triton kernel allocates it, once, at the size
+    the builder would have used, and the output is exact."""
+    from diffkv.triton import launch
+    from diffkv.triton.backend import TritonBackend
+    from tests.triton_common import build_metadata
+
+    monkeypatch.setattr(tk, "gluon_may_serve", lambda device, **shape: True)
+    spec = BatchSpec(seqs=(SeqShape(20, 0), SeqShape(9, 30)), num_heads=4, num_kv_heads=2, head_size=48,
+                     head_size_v=32, block_size=16, dtype=torch.float16, padding_rows=2, seed=5)
+    batch = make_batch(spec, LayerFeatures())
+    builder, md = build_metadata(batch, TritonBackend)
+    ws = builder.workspace
+    assert ws.kv_rows is None and ws.kv_deferred is not None, "the gather buffer was allocated up front"
+    rows, width, dtype, _ = ws.kv_deferred
+    assert (rows, width, dtype) == (launch.gather_rows_capacity(builder.kv_cache_spec.max_num_batched_tokens),
+                                    2 * (48 + 32), torch.float16)
+    impl = TritonBackend.get_impl_cls()(**batch.impl_kwargs())
+    out = batch.fresh_out()
+    impl.forward(None, batch.query, batch.key, batch.value, batch.kv_cache.clone(), md, out)
+    assert ws.kv_rows is not None and ws.kv_rows.shape == (rows, width) and ws.kv_deferred is None
+    first = ws.kv_rows
+    check_output(out, batch, what="deferred gather buffer")
+    out2 = batch.fresh_out()
+    impl.forward(None, batch.query, batch.key, batch.value, batch.kv_cache.clone(), md, out2)
+    assert ws.kv_rows is first, "the deferred buffer was allocated twice"
+    check_output(out2, batch, what="deferred gather buffer, second forward")
+
 def test_ptxas_failure_rebuilds_the_variant_with_another_pipeline_depth(monkeypatch):
     """ptxas (CUDA 12.8) segfaults on a few kernel variants (seen on H100:
     64-row prefill tiles, 2 stages, ALiBi, 64-token pages). The launcher

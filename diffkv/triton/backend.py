@@ -35,7 +35,11 @@ class TritonMetadataBuilder(DiffKVMetadataBuilder):
     gather buffer of
     ``launch.gather_rows_capacity(max_num_batched_tokens)`` token rows for the
     prefill path through tensor descriptors; it is allocated here, once, and
-    reused by every build.
+    reused by every build -- except where the Gluon prefill kernel may serve
+    the layer shape (sm_90, bf16/fp16, 192/128, pages of 16-128): it reads
+    the pages in place, so the buffer (84 MB at Hkv=4) is deferred until a
+    prefill goes to the Triton kernel (window, softcap, ALiBi, a strided
+    cache; :meth:`Workspace.ensure_kv_rows`).
     """
 
     def __init__(self, kv_cache_spec: KVCacheSpec, device: torch.device | str, *, num_blocks: int | None = None,
@@ -50,9 +54,13 @@ class TritonMetadataBuilder(DiffKVMetadataBuilder):
                                             and launch.device_arch(self.device, False)[0] == "sm90")
         if on_tma and spec.dtype in (torch.float16, torch.bfloat16):
             kv_rows = launch.gather_rows_capacity(spec.max_num_batched_tokens)
+        # where the Gluon prefill kernel (pages read in place) may serve every
+        # prefill, the buffer waits for the first prefill that needs it
+        defer = _attention.gluon_may_serve(self.device, head_size=spec.head_size, head_size_v=spec.head_size_v,
+                                           block_size=spec.block_size, dtype=spec.dtype)
         self.workspace = Workspace.allocate(rows, spec.num_heads, spec.head_size_v, self.device, kv_rows=kv_rows,
                                             kv_row_width=spec.num_kv_heads * (spec.head_size + spec.head_size_v),
-                                            kv_dtype=spec.dtype, kv_seqs=spec.max_num_seqs)
+                                            kv_dtype=spec.dtype, kv_seqs=spec.max_num_seqs, defer_kv=defer)
 
     def make_workspace(self, common: CommonAttentionMetadata) -> Workspace:
         return self.workspace
@@ -207,7 +215,8 @@ class TritonBackend(DiffKVBackend):
         if plan.num_splits > 1 or kv_rows > 0:
             workspace = Workspace.allocate(T * plan.num_splits if plan.num_splits > 1 else 0, H, Dv, dev,
                                            kv_rows=kv_rows, kv_row_width=kv_cache.shape[2] * kv_cache.shape[3],
-                                           kv_dtype=kv_cache.dtype, kv_seqs=q_lens.numel())
+                                           kv_dtype=kv_cache.dtype, kv_seqs=q_lens.numel(),
+                                           defer_kv=True)  # allocated only if the Triton prefill needs it
         return _attention.paged_attention(
             query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
             sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,

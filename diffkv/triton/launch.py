@@ -344,8 +344,16 @@ def _cuda_props(index: int) -> tuple[int, int]:
     return p.major * 10 + p.minor, p.multi_processor_count
 
 
+def compute_capability(device: torch.device) -> int:
+    """A CUDA device's compute capability as one number (90 for sm_90)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_props(index)[0]
+
+
 def device_arch(device: torch.device, interpreted: bool) -> tuple[str, int]:
-    """``(arch key, SM count)`` for :func:`plan_attention`."""
+    """``(arch key, SM count)`` for :func:`plan_attention`: ``"sm90"`` for
+    every compute capability from 9.0 up (tensor descriptors / TMA), else
+    ``"sm80"``."""
     if interpreted or device.type != "cuda":
         return "interpreter", INTERPRETER_NUM_SMS
     index = device.index if device.index is not None else torch.cuda.current_device()

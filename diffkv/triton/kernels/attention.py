@@ -87,6 +87,13 @@ class Workspace:
         kv_start: ``[seqs]`` int32 or None: each sequence's first row in
             ``kv_rows``, written by the gather kernel and read by the attention
             launch after it.
+        kv_deferred: ``(rows, row_width, dtype, seqs)`` of a gather buffer
+            not allocated yet (None: nothing deferred). A builder defers it
+            where the Gluon prefill kernel, which reads the pages in place,
+            may serve every prefill; :meth:`ensure_kv_rows` allocates it the
+            first time a prefill goes to the Triton kernel instead (a layer
+            with a window, softcap or ALiBi; in a serving engine that is the
+            profiling run, so the memory is counted).
     """
 
     partial_out: torch.Tensor
@@ -94,23 +101,37 @@ class Workspace:
     partial_sum: torch.Tensor
     kv_rows: torch.Tensor | None = None
     kv_start: torch.Tensor | None = None
+    kv_deferred: tuple | None = None
 
     @classmethod
     def allocate(cls, rows: int, num_heads: int, head_size_v: int, device: torch.device | str, *,
                  kv_rows: int = 0, kv_row_width: int = 0, kv_dtype: torch.dtype | None = None,
-                 kv_seqs: int = 0) -> Workspace:
+                 kv_seqs: int = 0, defer_kv: bool = False) -> Workspace:
         """``rows`` (query token x split) rows of split-KV scratch; with
         ``kv_rows > 0`` also a K/V gather buffer of that many token rows of
         ``kv_row_width`` values of ``kv_dtype``, and the row offsets of up to
-        ``kv_seqs`` sequences in it."""
-        return cls(
+        ``kv_seqs`` sequences in it -- allocated now, or with ``defer_kv`` by
+        the first :meth:`ensure_kv_rows`."""
+        ws = cls(
             partial_out=torch.empty(rows * num_heads * head_size_v, dtype=torch.float32, device=device),
             partial_max=torch.empty(rows * num_heads, dtype=torch.float32, device=device),
             partial_sum=torch.empty(rows * num_heads, dtype=torch.float32, device=device),
-            kv_rows=(torch.empty(kv_rows, kv_row_width, dtype=kv_dtype, device=device) if kv_rows > 0 else None),
-            kv_start=(torch.empty(kv_seqs, dtype=torch.int32, device=device) if kv_rows > 0 and kv_seqs > 0
-                      else None),
         )
+        if kv_rows > 0:
+            ws.kv_deferred = (kv_rows, kv_row_width, kv_dtype, kv_seqs)
+            if not defer_kv:
+                ws.ensure_kv_rows()
+        return ws
+
+    def ensure_kv_rows(self) -> None:
+        """Allocate a deferred gather buffer (no-op if none is deferred)."""
+        if self.kv_deferred is None:
+            return
+        rows, width, dtype, seqs = self.kv_deferred
+        device = self.partial_out.device
+        self.kv_rows = torch.empty(rows, width, dtype=dtype, device=device)
+        self.kv_start = torch.empty(seqs, dtype=torch.int32, device=device) if seqs > 0 else None
+        self.kv_deferred = None
 
     def max_splits(self, num_tokens: int, num_heads: int, head_size_v: int) -> int:
         """Most splits this workspace holds for ``num_tokens`` query rows."""
@@ -648,6 +669,9 @@ def paged_attention(
     S = seq_lens.shape[0]
     if T == 0 or S == 0:
         return out
+    gluon = _gluon_serves(query, kv_cache, out, scale, sliding_window, softcap, alibi_slopes)
+    if not gluon and workspace is not None:
+        workspace.ensure_kv_rows()  # prefills go to the Triton kernel: it reads a gathered copy
     if (num_decode_seqs is not None and 0 < num_decode_seqs < S and max_query_len is not None
             and max_query_len > launch.DECODE_MAX_QUERY_LEN):
         # mixed batch: decodes and prefills each get their own tiles (two
@@ -659,7 +683,8 @@ def paged_attention(
                        max_seq_len=max_seq_len, workspace=None, sliding_window=sliding_window)
         pre = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
                        workspace=None, sliding_window=sliding_window,
-                       gathered=_can_gather(query, kv_cache, workspace, S - num_decode_seqs, max_seq_len, block_table))
+                       gathered=not gluon and _can_gather(query, kv_cache, workspace, S - num_decode_seqs, max_seq_len,
+                                                          block_table))
         common = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
                       use_alibi_sqrt=use_alibi_sqrt, sinks=sinks)
         # the decode launch indexes tiles as coarsely as the prefill launch (its
@@ -680,7 +705,7 @@ def paged_attention(
             _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, dec, None,
                     q_len_range=(0, dec.block_q), idx_q=idx_q, **common)
         pre_range = (dec.block_q + 1, 2**31 - 1)
-        if _gluon_serves(query, kv_cache, out, scale, sliding_window, softcap, alibi_slopes):
+        if gluon:
             _prefill_gluon.prefill(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
                                    sinks=sinks, q_len_range=pre_range)
         else:
@@ -693,8 +718,8 @@ def paged_attention(
         return out
     plan = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
                     workspace=workspace, num_splits=num_splits, sliding_window=sliding_window,
-                    gathered=_can_gather(query, kv_cache, workspace, S, max_seq_len, block_table))
-    if plan.phased and _gluon_serves(query, kv_cache, out, scale, sliding_window, softcap, alibi_slopes):
+                    gathered=not gluon and _can_gather(query, kv_cache, workspace, S, max_seq_len, block_table))
+    if plan.phased and gluon:
         # prefill regime on an H100-class GPU: the Gluon kernel (no gather, no split)
         return _prefill_gluon.prefill(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
                                       sinks=sinks, q_len_range=(0, 2**31 - 1))
@@ -775,12 +800,20 @@ def _gluon_serves(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor
     """The Gluon prefill kernel serves this call (host-only checks)."""
     if not _USE_GLUON or INTERPRETED or query.device.type != "cuda":
         return False
-    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
-    cc = launch._cuda_props(index)[0]  # Hopper only: its wgmma/TMA code does not run on sm_100+
-    arch = "sm90" if cc == 90 else f"sm{cc}"
     return not _prefill_gluon.unsupported_reasons(query, kv_cache, out, scale=scale, sliding_window=sliding_window,
-                                                  softcap=softcap, alibi_slopes=alibi_slopes, arch=arch,
+                                                  softcap=softcap, alibi_slopes=alibi_slopes,
+                                                  compute_capability=launch.compute_capability(query.device),
                                                   interpreted=False)
+
+
+def gluon_may_serve(device: torch.device, *, head_size: int, head_size_v: int, block_size: int,
+                    dtype: torch.dtype) -> bool:
+    """The Gluon prefill kernel can serve this layer shape on ``device``
+    (a call may still go to the Triton kernel: features, strides, scale)."""
+    if not _USE_GLUON or INTERPRETED or device.type != "cuda":
+        return False
+    return not _prefill_gluon.layer_reasons(head_size=head_size, head_size_v=head_size_v, block_size=block_size,
+                                            dtype=dtype, compute_capability=launch.compute_capability(device))
 
 
 _FOLD_SCALE = True

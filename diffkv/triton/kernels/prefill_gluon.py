@@ -68,28 +68,45 @@ SERVED_BLOCK_SIZES = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 
 
-def unsupported_reasons(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, *, scale: float,
-                        sliding_window, softcap, alibi_slopes, arch: str, interpreted: bool) -> list[str]:
-    """Every reason this kernel cannot serve the call (empty: it can).
-    Host-only: shapes, strides, dtypes and flags; no device read."""
+def layer_reasons(*, head_size: int, head_size_v: int, block_size: int, dtype: torch.dtype,
+                  compute_capability: int | None, interpreted: bool = False) -> list[str]:
+    """Reasons this kernel cannot serve any prefill of a layer shape on a
+    device (``compute_capability`` as 90 for sm_90; None: not a CUDA device),
+    before looking at a call's tensors or features -- what a metadata builder
+    knows when it sizes its buffers."""
     reasons = []
     if not AVAILABLE:
         reasons.append("triton.experimental.gluon is not available in this Triton")
     if interpreted:
         reasons.append("the Triton interpreter does not run Gluon kernels")
-    if query.device.type != "cuda" or arch != "sm90":
-        reasons.append(f"needs an sm_90 CUDA device (got {query.device.type}, arch {arch})")
-    if query.dtype not in (torch.bfloat16, torch.float16) or kv_cache.dtype != query.dtype \
-            or out.dtype != query.dtype:
-        reasons.append(f"needs bf16/fp16 query, cache and output of one dtype (got {query.dtype}, "
-                       f"{kv_cache.dtype}, {out.dtype})")
+    if compute_capability != 90:
+        reasons.append(f"needs an sm_90 CUDA device (compute capability {compute_capability}); "
+                       "its wgmma/TMA code does not run on other architectures")
+    if dtype not in (torch.bfloat16, torch.float16):
+        reasons.append(f"needs a bf16/fp16 cache (got {dtype})")
+    if (head_size, head_size_v) not in SERVED_SHAPES:
+        reasons.append(f"head sizes (Dqk={head_size}, Dv={head_size_v}) not in {sorted(SERVED_SHAPES)}")
+    if block_size not in SERVED_BLOCK_SIZES:
+        reasons.append(f"block_size={block_size} not in {SERVED_BLOCK_SIZES}")
+    return reasons
+
+
+def unsupported_reasons(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, *, scale: float,
+                        sliding_window, softcap, alibi_slopes, compute_capability: int | None,
+                        interpreted: bool) -> list[str]:
+    """Every reason this kernel cannot serve the call (empty: it can).
+    Host-only: shapes, strides, dtypes and flags; no device read.
+    ``compute_capability``: of the tensors' CUDA device (90 for sm_90), None
+    for other devices."""
     T, H, Dqk = query.shape
     num_blocks, block_size, Hkv, width = kv_cache.shape
     Dv = width - Dqk
-    if (Dqk, Dv) not in SERVED_SHAPES:
-        reasons.append(f"head sizes (Dqk={Dqk}, Dv={Dv}) not in {sorted(SERVED_SHAPES)}")
-    if block_size not in SERVED_BLOCK_SIZES:
-        reasons.append(f"block_size={block_size} not in {SERVED_BLOCK_SIZES}")
+    reasons = layer_reasons(head_size=Dqk, head_size_v=Dv, block_size=block_size, dtype=query.dtype,
+                            compute_capability=compute_capability if query.device.type == "cuda" else None,
+                            interpreted=interpreted)
+    if kv_cache.dtype != query.dtype or out.dtype != query.dtype:
+        reasons.append(f"needs query, cache and output of one dtype (got {query.dtype}, {kv_cache.dtype}, "
+                       f"{out.dtype})")
     if softcap is not None and softcap > 0:
         reasons.append("softcap")
     if alibi_slopes is not None:
