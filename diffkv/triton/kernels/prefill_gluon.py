@@ -13,7 +13,9 @@ three partitions (``gl.warp_specialize``):
   order: no wgmma stays in flight across the loop's back edge, the one shape
   in which ptxas keeps the wgmma pipeline instead of serializing every
   instruction -- ptxas C7512, perf/NOTES.md exp25); the two warpgroups are
-  independent, so one's softmax also overlaps the other's matrix work;
+  independent, so one's softmax also overlaps the other's matrix work. At
+  the end a consumer writes its output tile into its own Q buffer (no longer
+  read) and stores it as 16-byte pieces of whole rows (perf exp30);
 * one producer warp that loads Q once and K/V tiles of 128 keys into a
   2-deep shared-memory ring by TMA, straight from the paged cache: one TMA
   box per cache page (``block_size`` rows), page ids read from the block
