@@ -1,6 +1,7 @@
 """Experiments 24-25: a Gluon prefill variant (the product module,
 ``diffkv/triton/kernels/prefill_gluon.py``) against the kernel of exp23
-(``exp25_v1_prefill_gluon.py``: prefill_gluon.py at commit 2e401a3), same
+(prefill_gluon.py at commit 2e401a3; not kept as a copy -- recreate it with
+``git show 2e401a3:diffkv/triton/kernels/prefill_gluon.py > /tmp/exp23_prefill_gluon.py``), same
 run, timed like ``diffkv bench`` (class API, CUDA-graph replays, L2 flushed
 by a read), outputs compared.
 
@@ -9,7 +10,7 @@ static snake order of work items; falsified, perf/logs/exp24_h200.log), exp25
 with the loop reordered so that ptxas keeps the wgmma pipeline
 (perf/logs/exp25_h100.log). perf/NOTES.md has predictions and outcomes.
 
-    python perf/exp25.py [VARIANT.py | product ...]   # default: the exp23 kernel vs product
+    python perf/exp25.py /tmp/exp23_prefill_gluon.py product   # any variant files, and/or product
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _load(path: str):
 
 def main():
     dev = torch.device("cuda")
-    names = sys.argv[1:] or [str(pathlib.Path(__file__).with_name("exp25_v1_prefill_gluon.py")), "product"]
+    names = sys.argv[1:] or ["product"]
     mods = [(pathlib.Path(n).stem.replace("_prefill_gluon", ""), _load(n)) for n in names]
     ceil = measure_ceilings(dev)
     print(torch.cuda.get_device_name(), {k: round(v, 1) for k, v in ceil.items()}, flush=True)

@@ -65,8 +65,7 @@ SCENARIOS = {
     "block_64": ((SeqShape(161, 70),), {"block_size": 64}, LayerFeatures()),
     "block_128": ((SeqShape(161, 300),), {"block_size": 128}, LayerFeatures(sinks=True)),
     "long_context": ((SeqShape(256, 5000),), {}, LayerFeatures()),
-    # more sequences than the kernel's one-round-trip lookup covers (128):
-    # tile -> sequence by binary search
+    # many sequences: the tile -> sequence binary search goes 8 levels deep
     "more_than_128_sequences": (tuple(SeqShape(20 + i % 50, i % 37) for i in range(130)), {}, LayerFeatures()),
 }
 

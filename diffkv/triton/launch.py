@@ -344,10 +344,13 @@ def _cuda_props(index: int) -> tuple[int, int]:
     return p.major * 10 + p.minor, p.multi_processor_count
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def compute_capability(device: torch.device) -> int:
     """A CUDA device's compute capability as one number (90 for sm_90)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_props(index)[0]
+    return _cuda_props(_cuda_index(device))[0]
 
 
 def device_arch(device: torch.device, interpreted: bool) -> tuple[str, int]:
@@ -356,8 +359,7 @@ def device_arch(device: torch.device, interpreted: bool) -> tuple[str, int]:
     ``"sm80"``."""
     if interpreted or device.type != "cuda":
         return "interpreter", INTERPRETER_NUM_SMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    cc, sms = _cuda_props(index)
+    cc, sms = _cuda_props(_cuda_index(device))
     return ("sm90" if cc >= 90 else "sm80"), sms
 
 

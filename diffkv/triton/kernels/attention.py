@@ -669,8 +669,11 @@ def paged_attention(
     S = seq_lens.shape[0]
     if T == 0 or S == 0:
         return out
-    gluon = _gluon_serves(query, kv_cache, out, scale, sliding_window, softcap, alibi_slopes)
-    if not gluon and workspace is not None:
+    # prefill regime (plan_for's rule, from the same hint): the Gluon kernel or
+    # the Triton kernel over a gathered copy; decode-regime calls skip both checks
+    prefill = (max_query_len if max_query_len is not None else -(-T // S)) > launch.DECODE_MAX_QUERY_LEN
+    gluon = prefill and _gluon_serves(query, kv_cache, out, scale, sliding_window, softcap, alibi_slopes)
+    if prefill and not gluon and workspace is not None:
         workspace.ensure_kv_rows()  # prefills go to the Triton kernel: it reads a gathered copy
     if (num_decode_seqs is not None and 0 < num_decode_seqs < S and max_query_len is not None
             and max_query_len > launch.DECODE_MAX_QUERY_LEN):
