@@ -338,6 +338,23 @@ def plan_attention(
     )
 
 
+GLUON_DECODE_MIN_SPLIT_KEYS = 512
+"""A split of the Gluon decode reads at least this many keys (fewer: the
+ring's fill and the partial's write dominate)."""
+
+
+def plan_gluon_decode(*, programs: int, kv_tiles: int, num_sms: int, max_splits: int,
+                      num_splits: int | None = None, tile_keys: int = 64) -> int:
+    """KV splits of the Gluon decode (one program per SM: its ring fills
+    the shared memory): split until the programs fill the SMs once, no
+    split shorter than :data:`GLUON_DECODE_MIN_SPLIT_KEYS` keys; forced
+    ``num_splits`` is clamped to the workspace's ``max_splits`` only."""
+    if num_splits is None:
+        min_tiles = max(1, GLUON_DECODE_MIN_SPLIT_KEYS // tile_keys)
+        num_splits = min(max(1, num_sms // max(1, programs)), max(1, kv_tiles // min_tiles), MAX_SPLITS)
+    return max(1, min(int(num_splits), max_splits))
+
+
 @functools.lru_cache(maxsize=64)
 def _cuda_props(index: int) -> tuple[int, int]:
     p = torch.cuda.get_device_properties(index)

@@ -62,6 +62,7 @@ import triton.language as tl
 
 from diffkv.triton import launch
 from diffkv.triton.kernels import gather as _gather
+from diffkv.triton.kernels import decode_gluon as _decode_gluon
 from diffkv.triton.kernels import prefill_gluon as _prefill_gluon
 
 try:  # host-side tensor descriptors (Triton >= 3.3)
@@ -719,6 +720,10 @@ def paged_attention(
         if side is not None:
             main.wait_stream(side)
         return out
+    if not prefill and _gluon_decode_serves(query, kv_cache, out, scale, sliding_window, softcap, alibi_slopes):
+        return _gluon_decode(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale, sinks=sinks,
+                             max_query_len=max_query_len, max_seq_len=max_seq_len, workspace=workspace,
+                             num_splits=num_splits)
     plan = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
                     workspace=workspace, num_splits=num_splits, sliding_window=sliding_window,
                     gathered=not gluon and _can_gather(query, kv_cache, workspace, S, max_seq_len, block_table))
@@ -807,6 +812,52 @@ def _gluon_serves(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor
                                                   softcap=softcap, alibi_slopes=alibi_slopes,
                                                   compute_capability=launch.compute_capability(query.device),
                                                   interpreted=False)
+
+
+_USE_GLUON_DECODE = True
+"""Decode launches go to the Gluon decode kernel (:mod:`.decode_gluon`) when
+it serves the call; tests and perf/ scripts switch it off."""
+
+
+def _gluon_decode_serves(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, scale: float,
+                         sliding_window: int | None, softcap: float | None,
+                         alibi_slopes: torch.Tensor | None) -> bool:
+    """The Gluon decode kernel serves this call (host-only checks)."""
+    if not _USE_GLUON_DECODE or INTERPRETED or query.device.type != "cuda":
+        return False
+    return not _decode_gluon.unsupported_reasons(query, kv_cache, out, scale=scale, sliding_window=sliding_window,
+                                                 softcap=softcap, alibi_slopes=alibi_slopes,
+                                                 compute_capability=launch.compute_capability(query.device),
+                                                 interpreted=False)
+
+
+def _gluon_decode(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                  seq_lens: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor, *, scale: float,
+                  sinks: torch.Tensor | None, max_query_len: int | None, max_seq_len: int | None,
+                  workspace: Workspace | None, num_splits: int | None) -> torch.Tensor:
+    """A decode-regime call through the Gluon decode kernel (+ the reduce
+    when split). Split count from :func:`launch.plan_gluon_decode`."""
+    T, H, Dqk = query.shape
+    block_size, Hkv = kv_cache.shape[1], kv_cache.shape[2]
+    Dv = kv_cache.shape[3] - Dqk
+    S = seq_lens.shape[0]
+    if max_query_len is None:
+        max_query_len = -(-T // S)
+    if max_seq_len is None:
+        max_seq_len = block_table.shape[1] * block_size
+    qt = _decode_gluon.query_tokens_per_tile(H, Hkv, max_query_len)
+    q_tiles = min(S * -(-max(1, max_query_len) // qt), T // qt + S)
+    tile_keys = _decode_gluon.tile_keys(block_size)
+    splits = launch.plan_gluon_decode(
+        programs=Hkv * q_tiles, kv_tiles=-(-max(1, max_seq_len) // tile_keys), tile_keys=tile_keys,
+        num_sms=launch.device_arch(query.device, False)[1],
+        max_splits=1 if workspace is None else workspace.max_splits(T, H, Dv), num_splits=num_splits)
+    partials = None if splits == 1 else (workspace.partial_out, workspace.partial_max, workspace.partial_sum)
+    _decode_gluon.decode(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale, sinks=sinks,
+                         num_splits=splits, query_tokens=qt, partials=partials)
+    if splits > 1:
+        _reduce(out, workspace, query_start_loc, sinks, S, splits)
+    return out
 
 
 def gluon_may_serve(device: torch.device, *, head_size: int, head_size_v: int, block_size: int,
@@ -985,26 +1036,34 @@ def _launch(
     )
     _run_attention_kernel(grid, args, consts, plan.num_warps, plan.num_stages)
     if split:
-        d_chunk = min(plan.dv_pad, 64)
-        _reduce_kernel[(T, H, triton.cdiv(Dv, d_chunk))](
-            out,
-            part_out,
-            part_max,
-            part_sum,
-            query_start_loc,
-            sinks if sinks is not None else dummy,
-            S,
-            H,
-            plan.num_splits,
-            out.stride(0),
-            out.stride(1),
-            DV=Dv,
-            D_CHUNK=d_chunk,
-            SPLITS_PAD=plan.splits_pad,
-            USE_SINKS=sinks is not None,
-            num_warps=2,
-        )
+        _reduce(out, workspace, query_start_loc, sinks, S, plan.num_splits)
     return out
+
+
+def _reduce(out: torch.Tensor, workspace: Workspace, query_start_loc: torch.Tensor, sinks: torch.Tensor | None,
+            num_seqs: int, num_splits: int) -> None:
+    """Combine the workspace's ``num_splits`` partials of every owned row
+    into ``out`` ([T, H, Dv]); the sinks join the denominator here."""
+    T, H, Dv = out.shape
+    d_chunk = min(launch.next_pow2(Dv), 64)
+    _reduce_kernel[(T, H, triton.cdiv(Dv, d_chunk))](
+        out,
+        workspace.partial_out,
+        workspace.partial_max,
+        workspace.partial_sum,
+        query_start_loc,
+        sinks if sinks is not None else out,
+        num_seqs,
+        H,
+        num_splits,
+        out.stride(0),
+        out.stride(1),
+        DV=Dv,
+        D_CHUNK=d_chunk,
+        SPLITS_PAD=launch.next_pow2(num_splits),
+        USE_SINKS=sinks is not None,
+        num_warps=2,
+    )
 
 
 def plan_for(

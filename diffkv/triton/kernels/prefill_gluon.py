@@ -130,6 +130,21 @@ def unsupported_reasons(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.
 if AVAILABLE:
 
     @gluon.jit
+    def tile_owner(qsl_ptr, num_seqs, pid_q, ROWS: gl.constexpr):
+        """The sequence owning query tile ``pid_q`` when sequence ``s``'s
+        tiles of ``ROWS`` query tokens start at index ``qsl[s] // ROWS + s``:
+        the largest such ``s`` with start <= pid_q (binary search)."""
+        lo = pid_q * 0
+        hi = lo + num_seqs - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            start = gl.load(qsl_ptr + mid) // ROWS + mid
+            go_right = start <= pid_q
+            lo = gl.where(go_right, mid, lo)
+            hi = gl.where(go_right, hi, mid - 1)
+        return lo
+
+    @gluon.jit
     def _consumer(c: gl.constexpr, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready, k_empty, v_empty, v_fixed,
                   out_ptr, q_start, q0, q_len, seq_len, ctx, n_tiles, qk_scale, sink_log2, h, stride_o0, stride_o1,
                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, NUM_BUF: gl.constexpr,
@@ -292,15 +307,7 @@ if AVAILABLE:
         pid_q = gl.num_programs(1) - 1 - gl.program_id(1)
         h = gl.program_id(0)
         kvh = h // G
-        lo = pid_q * 0
-        hi = lo + num_seqs - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            start = gl.load(qsl_ptr + mid) // BLOCK_M + mid
-            go_right = start <= pid_q
-            lo = gl.where(go_right, mid, lo)
-            hi = gl.where(go_right, hi, mid - 1)
-        s = lo
+        s = tile_owner(qsl_ptr, num_seqs, pid_q, BLOCK_M)
         q_start = gl.load(qsl_ptr + s)
         q_len = gl.load(qsl_ptr + s + 1) - q_start
         q0 = (pid_q - (q_start // BLOCK_M + s)) * BLOCK_M
@@ -352,48 +359,62 @@ def _gl_dtype(dtype: torch.dtype):
     return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
 
+def _descriptor(t: torch.Tensor, box: list[int]):
+    dt = _gl_dtype(t.dtype)
+    return _GluonDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dt))
+
+
+def kv_descriptors(kv_cache: torch.Tensor, head_size: int) -> tuple:
+    """TMA descriptors of K chunk 1, K chunk 2 and V over the cache's rows
+    ``[num_blocks * block_size, Hkv * (Dqk + Dv)]``, boxes of one page."""
+    num_blocks, block_size, Hkv, width = kv_cache.shape
+    d1, d2 = SERVED_SHAPES[(head_size, width - head_size)]
+    rows = kv_cache.view(num_blocks * block_size, Hkv * width)
+    return (_descriptor(rows, [block_size, d1]), _descriptor(rows, [block_size, d2]),
+            _descriptor(rows, [block_size, width - head_size]))
+
+
 def descriptors(query: torch.Tensor, kv_cache: torch.Tensor) -> tuple:
     """TMA descriptors: Q chunks over ``[T, H * Dqk]`` (boxes of BLOCK_M // 2
-    rows), K chunks and V over the cache's rows ``[num_blocks * block_size,
-    Hkv * (Dqk + Dv)]`` (boxes of one page)."""
+    rows), then :func:`kv_descriptors`."""
     T, H, Dqk = query.shape
-    num_blocks, block_size, Hkv, width = kv_cache.shape
-    d1, d2 = SERVED_SHAPES[(Dqk, width - Dqk)]
-    dt = _gl_dtype(query.dtype)
+    d1, d2 = SERVED_SHAPES[(Dqk, kv_cache.shape[3] - Dqk)]
     q2 = query.as_strided((T, H * Dqk), (query.stride(0), 1))
-    rows = kv_cache.view(num_blocks * block_size, Hkv * width)
     half = BLOCK_M // 2
+    return (_descriptor(q2, [half, d1]), _descriptor(q2, [half, d2])) + kv_descriptors(kv_cache, Dqk)
 
-    def desc(t, box):
-        return _GluonDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dt))
 
-    return (desc(q2, [half, d1]), desc(q2, [half, d2]), desc(rows, [block_size, d1]), desc(rows, [block_size, d2]),
-            desc(rows, [block_size, width - Dqk]))
+def compile_offline(fn, constexprs: dict, types: dict, descs: tuple):
+    """Compile a Gluon kernel of this package for sm_90 on any machine (no
+    GPU; ptxas ships with Triton). ``types``: Triton type strings of the
+    non-descriptor arguments (others default to i32); ``descs``: example
+    descriptors for the kernel's leading ``*_desc`` arguments, in order."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    names = [n for n in fn.arg_names if n.endswith("_desc")]
+    all_types = dict(zip(names, [mangle_type(d) for d in descs]))
+    all_types.update(types)
+    signature = {n: "constexpr" if n in constexprs else all_types.get(n, "i32") for n in fn.arg_names}
+    src = GluonASTSource(fn=fn, signature=signature,
+                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
 def build_offline(block_size: int, use_sinks: bool, dtype: torch.dtype = torch.bfloat16):
     """Compile the kernel for sm_90 on any machine (no GPU; ptxas ships with
     Triton) and return the compiled kernel -- for tests and perf/ tools. Needs
     a process where Triton is not in interpreter mode."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
     query = torch.empty(256, 16, 192, dtype=dtype)
     cache = torch.empty(32, block_size, 2, 320, dtype=dtype)
-    fn = _prefill_kernel
     constexprs = dict(G=8, DQK=192, D1=128, D2=64, DV=128, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size,
                       NUM_BUF=NUM_BUF, USE_SINKS=use_sinks, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS)
-    types = dict(zip(["qa_desc", "qb_desc", "ka_desc", "kb_desc", "v_desc"],
-                     [mangle_type(d) for d in descriptors(query, cache)]))
     elem = "bf16" if dtype == torch.bfloat16 else "fp16"
-    types.update(out_ptr=f"*{elem}", qsl_ptr="*i32", seq_lens_ptr="*i32", bt_ptr="*i32", sinks_ptr="*fp32",
+    types = dict(out_ptr=f"*{elem}", qsl_ptr="*i32", seq_lens_ptr="*i32", bt_ptr="*i32", sinks_ptr="*fp32",
                  qk_scale="fp32")
-    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
-    src = GluonASTSource(fn=fn, signature=signature,
-                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return compile_offline(_prefill_kernel, constexprs, types, descriptors(query, cache))
 
 
 def prefill(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
