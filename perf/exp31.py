@@ -22,7 +22,7 @@ import traceback
 
 import torch
 
-from diffkv.bench import SCENARIOS, as_graph, build_batch, measure_ceilings, time_fn, workload
+from diffkv.bench import SCENARIOS, Scenario, as_graph, build_batch, measure_ceilings, time_fn, workload
 from diffkv.testing import BatchSpec, LayerFeatures, SeqShape, make_batch
 from diffkv.triton.kernels import attention as tk
 from diffkv.triton.kernels import decode_gluon as dg
@@ -73,41 +73,53 @@ def part_a() -> int:
     return fails
 
 
+def _time(name, s, b, ws, ceil, kernel, ns, ref, label=""):
+    c = b.common
+    nbytes, _ = workload(s)
+    tk._USE_GLUON_DECODE = kernel == "gluon"
+
+    def fn():
+        tk.paged_attention(b.query, b.kv_cache, c.query_start_loc, c.seq_lens, c.block_table_tensor,
+                           b.out, scale=192 ** -0.5, max_query_len=c.max_query_len,
+                           max_seq_len=c.max_seq_len, workspace=ws, num_splits=ns)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        o = b.out.float().clone()
+        ref = o if ref is None else ref
+        ms, p20, p80 = time_fn(as_graph(fn) or fn, reps_ms=100)
+        print(f"B {name:15s} {kernel:6s} {label:10s} splits={ns!s:4s} {ms * 1e3:7.1f} us "
+              f"[{p20 * 1e3:.1f}, {p80 * 1e3:.1f}] {nbytes / ms / 1e6 / ceil['copy_GBps']:6.1%} of copy  "
+              f"maxdiff vs triton {(o - ref).abs().max().item():.1e} nan {bool(o.isnan().any())}", flush=True)
+    except Exception:  # noqa: BLE001
+        print(f"B {name} {kernel} {label} splits={ns} FAILED", flush=True)
+        traceback.print_exc()
+    return ref
+
+
 def part_b(quick: bool) -> None:
     dev = torch.device("cuda")
     ceil = measure_ceilings(dev)
     print(torch.cuda.get_device_name(), {k: round(v, 1) for k, v in ceil.items()}, flush=True)
     ws = tk.Workspace.allocate(8192, 32, 128, dev)
-    runs = {"decode_b1_32k": [None, 16, 24, 48, 66], "decode_b16_8k": [None, 1, 3, 4],
-            "decode_b64_4k": [None, 2], "decode_b256_2k": [None]}
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    extra = {f"decode_b{n}_{k}k": Scenario(f"decode_b{n}_{k}k", ((n, 1, k * 1024 - 1),), "decode")
+             for n, k in ((4, 8), (8, 8), (32, 8), (2, 32))}
+    scen = {**{k: SCENARIOS[k] for k in ("decode_b1_32k", "decode_b16_8k", "decode_b64_4k", "mixed.decode_part")},
+            **extra}
     if quick:
-        runs = {"decode_b1_32k": [None], "decode_b16_8k": [None]}
-    for name, splits in runs.items():
-        s = SCENARIOS[name]
+        scen = {k: scen[k] for k in ("decode_b1_32k", "decode_b16_8k")}
+    variants = {"bn64x4": (64, 256), "bn64x5": (64, 320), "bn128x2": (128, 256)}
+    for name, s in scen.items():
         b = build_batch(s, dev)
-        c = b.common
-        nbytes, _ = workload(s)
-        ref = None
-        for kernel in ("triton", "gluon"):
-            tk._USE_GLUON_DECODE = kernel == "gluon"
-            for ns in (splits if kernel == "gluon" else [None]):
-                def fn():
-                    tk.paged_attention(b.query, b.kv_cache, c.query_start_loc, c.seq_lens, c.block_table_tensor,
-                                       b.out, scale=192 ** -0.5, max_query_len=c.max_query_len,
-                                       max_seq_len=c.max_seq_len, workspace=ws, num_splits=ns)
-                try:
-                    fn()
-                    torch.cuda.synchronize()
-                    o = b.out.float().clone()
-                    ref = o if ref is None else ref
-                    ms, p20, p80 = time_fn(as_graph(fn) or fn, reps_ms=150)
-                    print(f"B {name:15s} {kernel:6s} splits={ns!s:4s} {ms * 1e3:7.1f} us "
-                          f"[{p20 * 1e3:.1f}, {p80 * 1e3:.1f}] {nbytes / ms / 1e6 / ceil['copy_GBps']:6.1%} of copy  "
-                          f"maxdiff vs triton {(o - ref).abs().max().item():.1e} nan {bool(o.isnan().any())}",
-                          flush=True)
-                except Exception:  # noqa: BLE001
-                    print(f"B {name} {kernel} splits={ns} FAILED", flush=True)
-                    traceback.print_exc()
+        progs = len(s.seq_list()) * s.num_kv_heads
+        ref = _time(name, s, b, ws, ceil, "triton", None, None)
+        cand = sorted({1} | {max(1, round(t / progs)) for t in (16, 32, 48, 64, 96, 128, sms) if t >= progs * 0.75})
+        for label, (bn, ring) in variants.items():
+            dg.BLOCK_N, dg.RING_KEYS = bn, ring
+            for ns in cand:
+                _time(name, s, b, ws, ceil, "gluon", ns, ref, label)
+        dg.BLOCK_N, dg.RING_KEYS = 64, 256
         del b
         torch.cuda.empty_cache()
     tk._USE_GLUON_DECODE = True
@@ -115,6 +127,6 @@ def part_b(quick: bool) -> None:
 
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
-    fails = part_a()
+    fails = 0 if "--no-check" in sys.argv else part_a()
     print(f"A: {fails} failures", flush=True)
     part_b(quick)

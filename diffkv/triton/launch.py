@@ -338,20 +338,37 @@ def plan_attention(
     )
 
 
+GLUON_DECODE_SM_FRACTION = 2
+"""The Gluon decode serves a launch of at most ``num_sms //`` this many
+(query tile, KV head) programs and splits their KV until they number about
+that many. Measured on an H100 (perf/exp31.py, bf16, H=32, Hkv=4): one
+program streams at most ~55 GB/s, so ~64 of them saturate HBM; more
+programs only add partials to reduce -- B=16 x 8k: 64 programs unsplit
+120.6 us, 128 programs 127.8 us; B=1 x 32k: 16 splits 39.8 us, 32 splits 41.7
+us; B=2 / 4 / 8 best at 64 programs too. From 128 programs on (B=32 x 8k,
+B=64 x 4k) the Triton decode is as fast or faster (two programs per SM)."""
+
 GLUON_DECODE_MIN_SPLIT_KEYS = 512
 """A split of the Gluon decode reads at least this many keys (fewer: the
 ring's fill and the partial's write dominate)."""
 
 
+def gluon_decode_fits(programs: int, num_sms: int) -> bool:
+    """The Gluon decode is the faster kernel for a launch of this many
+    (query tile, KV head) programs (see :data:`GLUON_DECODE_SM_FRACTION`)."""
+    return programs <= max(1, num_sms // GLUON_DECODE_SM_FRACTION)
+
+
 def plan_gluon_decode(*, programs: int, kv_tiles: int, num_sms: int, max_splits: int,
                       num_splits: int | None = None, tile_keys: int = 64) -> int:
-    """KV splits of the Gluon decode (one program per SM: its ring fills
-    the shared memory): split until the programs fill the SMs once, no
-    split shorter than :data:`GLUON_DECODE_MIN_SPLIT_KEYS` keys; forced
-    ``num_splits`` is clamped to the workspace's ``max_splits`` only."""
+    """KV splits of the Gluon decode: until the programs number about
+    ``num_sms // GLUON_DECODE_SM_FRACTION``, no split shorter than
+    :data:`GLUON_DECODE_MIN_SPLIT_KEYS` keys, at most :data:`MAX_SPLITS`;
+    clamped to the workspace's ``max_splits`` (forced ``num_splits`` too)."""
     if num_splits is None:
+        target = max(1, num_sms // GLUON_DECODE_SM_FRACTION)
         min_tiles = max(1, GLUON_DECODE_MIN_SPLIT_KEYS // tile_keys)
-        num_splits = min(max(1, num_sms // max(1, programs)), max(1, kv_tiles // min_tiles), MAX_SPLITS)
+        num_splits = min(max(1, target // max(1, programs)), max(1, kv_tiles // min_tiles), MAX_SPLITS)
     return max(1, min(int(num_splits), max_splits))
 
 

@@ -720,7 +720,9 @@ def paged_attention(
         if side is not None:
             main.wait_stream(side)
         return out
-    if not prefill and _gluon_decode_serves(query, kv_cache, out, scale, sliding_window, softcap, alibi_slopes):
+    if not prefill and _gluon_decode_serves(query, kv_cache, out, S, scale=scale, sliding_window=sliding_window,
+                                            softcap=softcap, alibi_slopes=alibi_slopes, max_query_len=max_query_len,
+                                            num_splits=num_splits):
         return _gluon_decode(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale, sinks=sinks,
                              max_query_len=max_query_len, max_seq_len=max_seq_len, workspace=workspace,
                              num_splits=num_splits)
@@ -819,16 +821,38 @@ _USE_GLUON_DECODE = True
 it serves the call; tests and perf/ scripts switch it off."""
 
 
-def _gluon_decode_serves(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, scale: float,
-                         sliding_window: int | None, softcap: float | None,
-                         alibi_slopes: torch.Tensor | None) -> bool:
-    """The Gluon decode kernel serves this call (host-only checks)."""
+def _gluon_decode_serves(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, num_seqs: int, *,
+                         scale: float, sliding_window: int | None, softcap: float | None,
+                         alibi_slopes: torch.Tensor | None, max_query_len: int | None,
+                         num_splits: int | None) -> bool:
+    """The Gluon decode kernel serves this call and is the faster kernel for
+    its size (host-only checks). A forced ``num_splits`` skips the size rule,
+    so tests reach the kernel with any batch."""
     if not _USE_GLUON_DECODE or INTERPRETED or query.device.type != "cuda":
         return False
-    return not _decode_gluon.unsupported_reasons(query, kv_cache, out, scale=scale, sliding_window=sliding_window,
-                                                 softcap=softcap, alibi_slopes=alibi_slopes,
-                                                 compute_capability=launch.compute_capability(query.device),
-                                                 interpreted=False)
+    if _decode_gluon.unsupported_reasons(query, kv_cache, out, scale=scale, sliding_window=sliding_window,
+                                         softcap=softcap, alibi_slopes=alibi_slopes,
+                                         compute_capability=launch.compute_capability(query.device),
+                                         interpreted=False):
+        return False
+    if num_splits is not None:
+        return True
+    _, programs = _gluon_decode_grid(query, kv_cache, num_seqs, max_query_len)
+    return launch.gluon_decode_fits(programs, launch.device_arch(query.device, False)[1])
+
+
+def _gluon_decode_grid(query: torch.Tensor, kv_cache: torch.Tensor, num_seqs: int,
+                       max_query_len: int | None) -> tuple[int, int]:
+    """``(query tokens per program, programs with work before splitting)``
+    of a Gluon decode launch, from shapes and the host hint (the average
+    query length when None)."""
+    T, H, _ = query.shape
+    Hkv = kv_cache.shape[2]
+    if max_query_len is None:
+        max_query_len = -(-T // num_seqs)
+    qt = _decode_gluon.query_tokens_per_tile(H, Hkv, max_query_len)
+    q_tiles = min(num_seqs * -(-max(1, max_query_len) // qt), T // qt + num_seqs)
+    return qt, Hkv * q_tiles
 
 
 def _gluon_decode(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
@@ -838,18 +862,15 @@ def _gluon_decode(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: 
     """A decode-regime call through the Gluon decode kernel (+ the reduce
     when split). Split count from :func:`launch.plan_gluon_decode`."""
     T, H, Dqk = query.shape
-    block_size, Hkv = kv_cache.shape[1], kv_cache.shape[2]
+    block_size = kv_cache.shape[1]
     Dv = kv_cache.shape[3] - Dqk
     S = seq_lens.shape[0]
-    if max_query_len is None:
-        max_query_len = -(-T // S)
     if max_seq_len is None:
         max_seq_len = block_table.shape[1] * block_size
-    qt = _decode_gluon.query_tokens_per_tile(H, Hkv, max_query_len)
-    q_tiles = min(S * -(-max(1, max_query_len) // qt), T // qt + S)
+    qt, programs = _gluon_decode_grid(query, kv_cache, S, max_query_len)
     tile_keys = _decode_gluon.tile_keys(block_size)
     splits = launch.plan_gluon_decode(
-        programs=Hkv * q_tiles, kv_tiles=-(-max(1, max_seq_len) // tile_keys), tile_keys=tile_keys,
+        programs=programs, kv_tiles=-(-max(1, max_seq_len) // tile_keys), tile_keys=tile_keys,
         num_sms=launch.device_arch(query.device, False)[1],
         max_splits=1 if workspace is None else workspace.max_splits(T, H, Dv), num_splits=num_splits)
     partials = None if splits == 1 else (workspace.partial_out, workspace.partial_max, workspace.partial_sum)
