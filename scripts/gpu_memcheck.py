@@ -50,6 +50,16 @@ def main() -> int:
          LayerFeatures(sinks=True), None),
         ("gluon prefill fp16 192/128, block 64", BatchSpec((SeqShape(200, 0), SeqShape(77, 300)), 8, 2, 192, 128,
                                                            64, torch.float16, 2), LayerFeatures(), None),
+        # the Gluon decode kernel on sm_90 (speculative decodes, partial last pages over NaN-poisoned slots,
+        # split 7 leaves empty splits; unsplit with sinks; 128-token pages)
+        ("gluon decode bf16 192/128, split 7", BatchSpec((SeqShape(1, 300), SeqShape(5, 40), SeqShape(8, 1000)), 32,
+                                                         4, 192, 128, 16, torch.bfloat16, 3), LayerFeatures(), 7),
+        ("gluon decode bf16 192/128 sinks, unsplit", BatchSpec((SeqShape(1, 77), SeqShape(3, 500)), 32, 4, 192,
+                                                               128, 16, torch.bfloat16, 2),
+         LayerFeatures(sinks=True), 1),
+        ("gluon decode fp16 192/128 block 128, heuristic", BatchSpec((SeqShape(1, 1300), SeqShape(2, 90)), 16, 2,
+                                                                     192, 128, 128, torch.float16, 2),
+         LayerFeatures(sinks=True), None),
     ]
     for name, spec, features, splits in cases:
         batch = make_batch(spec, features, device="cuda")

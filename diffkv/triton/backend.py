@@ -211,16 +211,19 @@ class TritonBackend(DiffKVBackend):
             n_dec = int(decode_q_lens.numel())
             served = q_lens.numel() - n_dec if 0 < n_dec < q_lens.numel() else q_lens.numel()
             kv_rows = served * max_seq
+        # split scratch for whichever decode kernel the launcher picks (each
+        # plans its own split count within the workspace's capacity)
+        split_rows = T * budget if plan.num_splits > 1 or max_q <= launch.DECODE_MAX_QUERY_LEN else 0
         workspace = None
-        if plan.num_splits > 1 or kv_rows > 0:
-            workspace = Workspace.allocate(T * plan.num_splits if plan.num_splits > 1 else 0, H, Dv, dev,
+        if split_rows > 0 or kv_rows > 0:
+            workspace = Workspace.allocate(split_rows, H, Dv, dev,
                                            kv_rows=kv_rows, kv_row_width=kv_cache.shape[2] * kv_cache.shape[3],
                                            kv_dtype=kv_cache.dtype, kv_seqs=q_lens.numel(),
                                            defer_kv=True)  # allocated only if the Triton prefill needs it
         return _attention.paged_attention(
             query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
             sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
-            use_alibi_sqrt=use_alibi_sqrt, sinks=sinks, workspace=workspace, num_splits=plan.num_splits,
+            use_alibi_sqrt=use_alibi_sqrt, sinks=sinks, workspace=workspace, num_splits=num_splits,
             max_query_len=max_q, max_seq_len=max_seq, num_decode_seqs=int(decode_q_lens.numel()),
             max_decode_query_len=int(decode_q_lens.max()) if decode_q_lens.numel() else 0,
         )

@@ -286,9 +286,9 @@ if _pg.AVAILABLE:
         s = tile_owner(qsl_ptr, num_seqs, pid_q, QT)
         q_start = gl.load(qsl_ptr + s)
         q_len = gl.load(qsl_ptr + s + 1) - q_start
+        seq_len = gl.load(seq_lens_ptr + s)  # s is a valid index: load it with the query bounds
         q0 = (pid_q - (q_start // QT + s)) * QT
         if (q0 < q_len) & (q_len >= q_len_lo) & (q_len <= q_len_hi):
-            seq_len = gl.load(seq_lens_ptr + s)
             ctx = seq_len - q_len
             tile_hi = (ctx + gl.minimum(q0 + QT, q_len) + BLOCK_N - 1) // BLOCK_N
             per_split = (tile_hi + num_splits - 1) // num_splits
