@@ -22,7 +22,7 @@ from diffkv.triton import launch
 from diffkv.triton.kernels import attention as tk
 from diffkv.triton.kernels import decode_gluon as dg
 from diffkv.triton.kernels import prefill_gluon as pg
-from tests.triton_common import check_output, run_class_api, run_functional, run_kernel
+from tests.triton_common import check_output, record_calls, run_class_api, run_functional, run_kernel
 
 
 # ---------------------------------------------------------------- host rules
@@ -124,16 +124,8 @@ def _spec(seqs, **kw) -> BatchSpec:
 
 @pytest.fixture
 def decode_calls(monkeypatch):
-    """Split counts of the Gluon decode launches."""
-    calls = []
-    real = dg.decode
-
-    def counted(*a, **k):
-        calls.append(k["num_splits"])
-        return real(*a, **k)
-
-    monkeypatch.setattr(dg, "decode", counted)
-    return calls
+    """Launches of the Gluon decode (their split counts)."""
+    return record_calls(monkeypatch, dg, "decode", "num_splits")
 
 
 @pytest.mark.gpu

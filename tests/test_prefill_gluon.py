@@ -13,7 +13,7 @@ import torch
 from diffkv.testing import BatchSpec, LayerFeatures, SeqShape, make_batch
 from diffkv.triton.kernels import attention as tk
 from diffkv.triton.kernels import prefill_gluon as pg
-from tests.triton_common import check_output, run_class_api, run_functional
+from tests.triton_common import check_output, record_calls, run_class_api, run_functional
 
 
 def _reasons(query, cache, out=None, **kw):
@@ -79,16 +79,8 @@ def _spec(seqs, **kw) -> BatchSpec:
 
 @pytest.fixture
 def gluon_calls(monkeypatch):
-    """Counts launches of the Gluon kernel."""
-    calls = []
-    real = pg.prefill
-
-    def counted(*a, **k):
-        calls.append(k.get("q_len_range"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(pg, "prefill", counted)
-    return calls
+    """Launches of the Gluon kernel (their q_len ranges)."""
+    return record_calls(monkeypatch, pg, "prefill", "q_len_range")
 
 
 @pytest.mark.gpu

@@ -95,3 +95,17 @@ def run_class_api(batch: Batch, num_splits: int | None = None) -> torch.Tensor:
     out = batch.fresh_out()
     impl.forward(None, batch.query, batch.key, batch.value, cache, md, out)
     return out
+
+
+def record_calls(monkeypatch, module, name: str, keyword: str) -> list:
+    """Patch ``module.name`` to record each call's ``keyword`` argument
+    (which kernel ran, with what) and return the list it appends to."""
+    calls = []
+    real = getattr(module, name)
+
+    def recorded(*a, **k):
+        calls.append(k.get(keyword))
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, recorded)
+    return calls

@@ -22,7 +22,13 @@ On an sm_90 GPU, prefill-regime launches of the shapes and features it
 serves (bf16/fp16, Dqk=192 / Dv=128, 16-128-token pages, causal with or
 without sinks) go to the Gluon kernel of :mod:`.prefill_gluon` instead (same
 grid rule, same ``q_len`` classes, no gather); :func:`_gluon_serves` decides
-from host-side facts only.
+from host-side facts only. Decode-regime launches of the same shapes and
+features (up to 64 query heads per KV head) with at most ``num_sms // 2``
+(query tile, KV head) programs go to the Gluon decode of
+:mod:`.decode_gluon` (a producer warp streams the pages by TMA; the same
+partials and reduce as here when split), decided the same way by
+:func:`_gluon_decode_serves`; larger decode batches, and the decode half of a
+mixed batch, run here.
 
 Rows of a program: ``BLOCK_M = BLOCK_Q x G_TILE``, row ``r`` is query token
 ``q0 + r // G_TILE`` of the sequence and query head ``kvh * G + g_base +
