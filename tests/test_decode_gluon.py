@@ -16,8 +16,11 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffkv.testing import BatchSpec, LayerFeatures, SeqShape, make_batch
+from diffkv.testing.profiles import examples
 from diffkv.triton import launch
 from diffkv.triton.kernels import attention as tk
 from diffkv.triton.kernels import decode_gluon as dg
@@ -36,6 +39,24 @@ def test_split_plan_targets_half_the_sms_and_respects_bounds():
     assert plan(4, tiles=20) == 20 // (launch.GLUON_DECODE_MIN_SPLIT_KEYS // 64)  # short contexts split less
     assert plan(4, ws=3) == 3 and plan(4, ns=40, ws=8) == 8 and plan(64, ns=5) == 5
     assert launch.gluon_decode_fits(66, 132) and not launch.gluon_decode_fits(67, 132)
+
+
+@settings(max_examples=examples(50))
+@given(programs=st.integers(1, 400), kv_tiles=st.integers(1, 4096), num_sms=st.integers(1, 200),
+       max_splits=st.integers(1, 128), forced=st.one_of(st.none(), st.integers(1, 300)))
+def test_split_plan_invariants(programs, kv_tiles, num_sms, max_splits, forced):
+    """Any split plan stays within the workspace and MAX_SPLITS; an
+    unforced one never grows the launch past num_sms // 2 programs (or its
+    unsplit size), nor cuts splits below the minimum keys unless unsplit."""
+    splits = launch.plan_gluon_decode(programs=programs, kv_tiles=kv_tiles, num_sms=num_sms, max_splits=max_splits,
+                                      num_splits=forced)
+    assert 1 <= splits <= max_splits
+    if forced is None:
+        assert splits <= launch.MAX_SPLITS
+        assert programs * splits <= max(programs, num_sms // launch.GLUON_DECODE_SM_FRACTION)
+        assert splits == 1 or kv_tiles // splits >= launch.GLUON_DECODE_MIN_SPLIT_KEYS // 64
+    else:
+        assert splits == min(forced, max_splits)
 
 
 def test_query_tokens_per_program_fill_64_rows():
