@@ -12,7 +12,17 @@ splits) and that the Gluon kernel ran; part B times both kernels on SPEC's
 decode scenarios (CUDA-graph replays, L2 flushed by a read) with split
 counts around the planned one.
 
-    python perf/exp31.py [--quick]
+    python perf/exp31.py [--quick] [--no-check]
+
+Outcome (H100; perf/logs/exp31a_h100.log, perf/logs/exp31b_h100.log, copy
+3018 GB/s): A passed at the first try (9 batches x 4 split counts). B=16 x
+8k: 126.0 us (Triton) -> 120.6 us with the Gluon decode unsplit (92.4 %);
+2 splits 127.8 us. B=1 x 32k: 40.0 -> 39.8 us at 16 splits (38.9 us, 71.4 %
+in the first run). One program streams at most ~55 GB/s, so ~64 programs
+saturate HBM: B = 1 / 2 / 4 / 8 / 16 were each fastest at ~64 programs;
+B=32 x 8k level with Triton; B=64 x 4k and 62 x 4k 1-2 % slower (one
+program per SM). 5-tile rings and 128-key tiles no better. Kept for
+launches of <= num_sms // 2 programs (launch.plan_gluon_decode).
 """
 
 from __future__ import annotations
