@@ -960,7 +960,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
     import) for the decode half of a mixed batch; None off CUDA."""
     if device.type != "cuda" or INTERPRETED:
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = launch._cuda_index(device)
     if index not in _SIDE_STREAMS:
         _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
     return _SIDE_STREAMS[index]
