@@ -27,7 +27,7 @@ features (up to 64 query heads per KV head) with at most ``num_sms // 2``
 (query tile, KV head) programs go to the Gluon decode of
 :mod:`.decode_gluon` (a producer warp streams the pages by TMA; the same
 partials and reduce as here when split), decided the same way by
-:func:`_gluon_decode_serves`; larger decode batches, and the decode half of a
+:func:`_gluon_decode_plan`; larger decode batches, and the decode half of a
 mixed batch, run here.
 
 Rows of a program: ``BLOCK_M = BLOCK_Q x G_TILE``, row ``r`` is query token
@@ -726,12 +726,19 @@ def paged_attention(
         if side is not None:
             main.wait_stream(side)
         return out
-    if not prefill and _gluon_decode_serves(query, kv_cache, out, S, scale=scale, sliding_window=sliding_window,
-                                            softcap=softcap, alibi_slopes=alibi_slopes, max_query_len=max_query_len,
-                                            num_splits=num_splits):
-        return _gluon_decode(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale, sinks=sinks,
-                             max_query_len=max_query_len, max_seq_len=max_seq_len, workspace=workspace,
-                             num_splits=num_splits)
+    gluon_decode = None if prefill else _gluon_decode_plan(
+        query, kv_cache, out, block_table, S, scale=scale, sliding_window=sliding_window, softcap=softcap,
+        alibi_slopes=alibi_slopes, max_query_len=max_query_len, max_seq_len=max_seq_len, workspace=workspace,
+        num_splits=num_splits)
+    if gluon_decode is not None:
+        query_tokens, splits = gluon_decode
+        _decode_gluon.decode(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale, sinks=sinks,
+                             num_splits=splits, query_tokens=query_tokens,
+                             partials=(workspace.partial_out, workspace.partial_max, workspace.partial_sum)
+                             if splits > 1 else None)
+        if splits > 1:
+            _reduce(out, workspace, query_start_loc, sinks, S, splits)
+        return out
     plan = plan_for(query, kv_cache, seq_lens, block_table, max_query_len=max_query_len, max_seq_len=max_seq_len,
                     workspace=workspace, num_splits=num_splits, sliding_window=sliding_window,
                     gathered=not gluon and _can_gather(query, kv_cache, workspace, S, max_seq_len, block_table))
@@ -827,64 +834,40 @@ _USE_GLUON_DECODE = True
 it serves the call; tests and perf/ scripts switch it off."""
 
 
-def _gluon_decode_serves(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, num_seqs: int, *,
-                         scale: float, sliding_window: int | None, softcap: float | None,
-                         alibi_slopes: torch.Tensor | None, max_query_len: int | None,
-                         num_splits: int | None) -> bool:
-    """The Gluon decode kernel serves this call and is the faster kernel for
-    its size (host-only checks). A forced ``num_splits`` skips the size rule,
-    so tests reach the kernel with any batch."""
+def _gluon_decode_plan(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_table: torch.Tensor,
+                       num_seqs: int, *, scale: float, sliding_window: int | None, softcap: float | None,
+                       alibi_slopes: torch.Tensor | None, max_query_len: int | None, max_seq_len: int | None,
+                       workspace: Workspace | None, num_splits: int | None) -> tuple[int, int] | None:
+    """``(query tokens per program, KV splits)`` of a Gluon decode launch for
+    this decode-regime call, or None where the Gluon decode does not serve
+    it or is not the faster kernel for its size (host-only: shapes, the host
+    hints -- the average query length and the block table's span when None
+    -- and :func:`launch.plan_gluon_decode`). A forced ``num_splits`` skips
+    the size rule, so tests reach the kernel with any batch."""
     if not _USE_GLUON_DECODE or INTERPRETED or query.device.type != "cuda":
-        return False
+        return None
     if _decode_gluon.unsupported_reasons(query, kv_cache, out, scale=scale, sliding_window=sliding_window,
                                          softcap=softcap, alibi_slopes=alibi_slopes,
                                          compute_capability=launch.compute_capability(query.device),
                                          interpreted=False):
-        return False
-    if num_splits is not None:
-        return True
-    _, programs = _gluon_decode_grid(query, kv_cache, num_seqs, max_query_len)
-    return launch.gluon_decode_fits(programs, launch.device_arch(query.device, False)[1])
-
-
-def _gluon_decode_grid(query: torch.Tensor, kv_cache: torch.Tensor, num_seqs: int,
-                       max_query_len: int | None) -> tuple[int, int]:
-    """``(query tokens per program, programs with work before splitting)``
-    of a Gluon decode launch, from shapes and the host hint (the average
-    query length when None)."""
-    T, H, _ = query.shape
-    Hkv = kv_cache.shape[2]
+        return None
+    T, H, Dqk = query.shape
+    block_size, Hkv = kv_cache.shape[1], kv_cache.shape[2]
     if max_query_len is None:
         max_query_len = -(-T // num_seqs)
-    qt = _decode_gluon.query_tokens_per_tile(H, Hkv, max_query_len)
-    q_tiles = min(num_seqs * -(-max(1, max_query_len) // qt), T // qt + num_seqs)
-    return qt, Hkv * q_tiles
-
-
-def _gluon_decode(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                  seq_lens: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor, *, scale: float,
-                  sinks: torch.Tensor | None, max_query_len: int | None, max_seq_len: int | None,
-                  workspace: Workspace | None, num_splits: int | None) -> torch.Tensor:
-    """A decode-regime call through the Gluon decode kernel (+ the reduce
-    when split). Split count from :func:`launch.plan_gluon_decode`."""
-    T, H, Dqk = query.shape
-    block_size = kv_cache.shape[1]
-    Dv = kv_cache.shape[3] - Dqk
-    S = seq_lens.shape[0]
     if max_seq_len is None:
         max_seq_len = block_table.shape[1] * block_size
-    qt, programs = _gluon_decode_grid(query, kv_cache, S, max_query_len)
+    query_tokens = _decode_gluon.query_tokens_per_tile(H, Hkv, max_query_len)
+    programs = Hkv * min(num_seqs * -(-max(1, max_query_len) // query_tokens), T // query_tokens + num_seqs)
+    num_sms = launch.device_arch(query.device, False)[1]
+    if num_splits is None and not launch.gluon_decode_fits(programs, num_sms):
+        return None
     tile_keys = _decode_gluon.tile_keys(block_size)
     splits = launch.plan_gluon_decode(
-        programs=programs, kv_tiles=-(-max(1, max_seq_len) // tile_keys), tile_keys=tile_keys,
-        num_sms=launch.device_arch(query.device, False)[1],
-        max_splits=1 if workspace is None else workspace.max_splits(T, H, Dv), num_splits=num_splits)
-    partials = None if splits == 1 else (workspace.partial_out, workspace.partial_max, workspace.partial_sum)
-    _decode_gluon.decode(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale, sinks=sinks,
-                         num_splits=splits, query_tokens=qt, partials=partials)
-    if splits > 1:
-        _reduce(out, workspace, query_start_loc, sinks, S, splits)
-    return out
+        programs=programs, kv_tiles=-(-max(1, max_seq_len) // tile_keys), tile_keys=tile_keys, num_sms=num_sms,
+        max_splits=1 if workspace is None else workspace.max_splits(T, H, kv_cache.shape[3] - Dqk),
+        num_splits=num_splits)
+    return query_tokens, splits
 
 
 def gluon_may_serve(device: torch.device, *, head_size: int, head_size_v: int, block_size: int,

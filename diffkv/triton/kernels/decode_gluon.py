@@ -74,17 +74,6 @@ def query_tokens_per_tile(num_heads: int, num_kv_heads: int, max_query_len: int)
     return qt
 
 
-def layer_reasons(*, num_heads: int, num_kv_heads: int, head_size: int, head_size_v: int, block_size: int,
-                  dtype: torch.dtype, compute_capability: int | None, interpreted: bool = False) -> list[str]:
-    """Reasons this kernel cannot serve any decode of a layer shape."""
-    reasons = _pg.layer_reasons(head_size=head_size, head_size_v=head_size_v, block_size=block_size, dtype=dtype,
-                                compute_capability=compute_capability, interpreted=interpreted)
-    G = num_heads // max(1, num_kv_heads)
-    if G > BLOCK_M:
-        reasons.append(f"{G} query heads per KV head (at most {BLOCK_M} share one program)")
-    return reasons
-
-
 def unsupported_reasons(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, *, scale: float,
                         sliding_window, softcap, alibi_slopes, compute_capability: int | None,
                         interpreted: bool) -> list[str]:
