@@ -33,24 +33,13 @@ import traceback
 import torch
 
 from diffkv.bench import SCENARIOS, Scenario, as_graph, build_batch, measure_ceilings, time_fn, workload
-from diffkv.testing import BatchSpec, LayerFeatures, SeqShape, make_batch
+from diffkv.testing import BatchSpec, make_batch
 from diffkv.triton.kernels import attention as tk
 from diffkv.triton.kernels import decode_gluon as dg
+from tests.test_decode_gluon import SCENARIOS as DECODE_SCENARIOS
 from tests.triton_common import check_output, run_kernel
 
-CASES = {
-    "single_decodes": ((SeqShape(1, 0), SeqShape(1, 15), SeqShape(1, 16), SeqShape(1, 63), SeqShape(1, 1000),
-                        SeqShape(1, 4097)), {}, LayerFeatures()),
-    "spec_decodes": (tuple(SeqShape(q, c) for q, c in ((2, 30), (8, 100), (5, 0), (3, 700), (8, 64))), {},
-                     LayerFeatures()),
-    "sinks": ((SeqShape(1, 300), SeqShape(4, 90)), {}, LayerFeatures(sinks=True)),
-    "gqa_16_heads": ((SeqShape(1, 500), SeqShape(2, 77)), {"num_heads": 32, "num_kv_heads": 2}, LayerFeatures()),
-    "block_32": ((SeqShape(1, 161), SeqShape(3, 70)), {"block_size": 32}, LayerFeatures()),
-    "block_64": ((SeqShape(1, 161), SeqShape(3, 70)), {"block_size": 64}, LayerFeatures()),
-    "block_128": ((SeqShape(1, 1610), SeqShape(3, 300)), {"block_size": 128}, LayerFeatures(sinks=True)),
-    "fp16": ((SeqShape(1, 190), SeqShape(6, 33)), {"dtype": torch.float16}, LayerFeatures()),
-    "many_seqs": (tuple(SeqShape(1 + i % 3, i * 7 % 300) for i in range(70)), {}, LayerFeatures()),
-}
+CASES = DECODE_SCENARIOS  # the GPU tests' named batches (tests/test_decode_gluon.py)
 
 
 def part_a() -> int:
