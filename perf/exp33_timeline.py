@@ -7,11 +7,20 @@ X ~3.4 us of fixed cost per program and tau ~2.0 us per 128x128 KV tile
 kernel (diffkv/triton/kernels/prefill_gluon.py), patched at run time -- no
 copy kept -- to record per program %globaltimer at its start, before the
 partitions fork, when tile 0's K arrived (consumer 0), after its loop and
-after its store, with %smid. From those: the gap between one program's end
+after its store, with %smid, and %clock64 beside tile 0 and the loop's end
+(the SM clock in the loop: these cards slow down under sustained tensor
+work). From those: the gap between one program's end
 and the next program's start on the same SM, the prologue, the wait for the
 first tile, the time per tile and the tail.
 
     python perf/exp33_timeline.py [variant.py]
+
+Outcome (H100, perf/logs/exp33_h100.log, exp34_h100.log, exp36_h100.log):
+at 4x2k each program pays ~4.6 us outside its loop -- lookups 0.6, tile 0's
+K/Q 1.8 (96 KB at the L2 -> SM rate), last PV + store 0.9, gap to the next
+program on the SM 1.3 -- against 2.0 us per 128x128 tile in the loop; the SM
+clock in the loop is ~1650 MHz for the 0.2-0.3 ms prefills and ~1490 MHz for
+the 1 ms 1x8k prefill (max 1980 MHz: power-limited).
 
 A variant module whose ``prefill`` takes ``tl=`` (e.g. the persistent
 perf/exp35_persistent_prefill_gluon.py, one record per work item: "start"
@@ -36,6 +45,11 @@ TIMER = '''
                                          pack=1)
 
     @gluon.jit
+    def _clock(x):
+        return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [x], dtype=gl.int64, is_pure=False,
+                                         pack=1)
+
+    @gluon.jit
     def _smid(x):
         return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
 
@@ -52,20 +66,23 @@ PATCHES = [
     ("h, stride_o0, stride_o1,\n                  HALF_M: gl.constexpr",
      "h, stride_o0, stride_o1,\n                  tl_ptr, t_start, t_meta, HALF_M: gl.constexpr"),
     ("        mbarrier.wait(k_ready.index(0), 0)\n",
-     "        mbarrier.wait(k_ready.index(0), 0)\n        t1 = _timer(h)\n"),
-    ("        # last tile: PV(n_tiles - 1)\n", "        t2 = _timer(h)\n        # last tile: PV(n_tiles - 1)\n"),
+     "        mbarrier.wait(k_ready.index(0), 0)\n        t1 = _timer(h)\n        c1 = _clock(h)\n"),
+    ("        # last tile: PV(n_tiles - 1)\n",
+     "        t2 = _timer(h)\n        c2 = _clock(h)\n        # last tile: PV(n_tiles - 1)\n"),
     ("        gl.store(out_ptr + offs, out_c, mask=(r0 + r < q_len)[:, None] & (dv < DV)[None, :])\n",
      "        gl.store(out_ptr + offs, out_c, mask=(r0 + r < q_len)[:, None] & (dv < DV)[None, :])\n"
      "        t3 = _timer(h)\n"
      "        if c == 0:\n"
-     "            rec = tl_ptr + (gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)).to(gl.int64) * 8\n"
+     "            rec = tl_ptr + (gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)).to(gl.int64) * 16\n"
      "            gl.store(rec + 0, t_start)\n"
      "            gl.store(rec + 1, t_meta)\n"
      "            gl.store(rec + 2, t1)\n"
      "            gl.store(rec + 3, t2)\n"
      "            gl.store(rec + 4, t3)\n"
      "            gl.store(rec + 5, _smid(h).to(gl.int64))\n"
-     "            gl.store(rec + 6, n_tiles.to(gl.int64))\n"),
+     "            gl.store(rec + 6, n_tiles.to(gl.int64))\n"
+     "            gl.store(rec + 7, c1)\n"
+     "            gl.store(rec + 8, c2)\n"),
 ]
 
 
@@ -101,11 +118,13 @@ def summarize(name: str, rec: torch.Tensor, kernel_ms: float):
     per_tile = (loop_end - first) * us / (tiles - 1).clamp(min=1)
     tail = (end - loop_end) * us
     total = (end - start) * us
-    for label, v in (("prologue (lookups)", prologue), ("to tile 0's K", wait_first),
-                     ("per tile in the loop", per_tile[tiles > 1]), ("tail (last PV + store)", tail),
-                     ("program total", total)):
+    long = tiles >= 4
+    clock = ((rec[:, 8] - rec[:, 7]) / (loop_end - first))[long] * 1e3  # cycles per ns -> MHz
+    for label, v in (("SM clock in the loop MHz", clock), ("prologue (lookups) us", prologue), ("to tile 0's K us", wait_first),
+                     ("per tile in the loop us", per_tile[tiles > 1]), ("tail (last PV + store) us", tail),
+                     ("program total us", total)):
         q = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9], dtype=v.dtype)).tolist()
-        print(f"  {label:24s} mean {v.mean().item():7.2f} us  p10 {q[0]:7.2f}  p50 {q[1]:7.2f}  p90 {q[2]:7.2f}")
+        print(f"  {label:24s} mean {v.mean().item():7.2f}     p10 {q[0]:7.2f}  p50 {q[1]:7.2f}  p90 {q[2]:7.2f}")
     gaps, busy, first_start, last_end = [], [], [], []
     for s in sm.unique():
         m = sm == s
@@ -153,7 +172,7 @@ def main():
         T = b.query.shape[0]
         H = s.num_heads
         n_prog = H * (T // pg.BLOCK_M + md.num_reqs)
-        tl = torch.zeros(n_prog, 8, dtype=torch.int64, device=dev)
+        tl = torch.zeros(n_prog, 16, dtype=torch.int64, device=dev)
         qsl, sl, bt = md.query_start_loc.to(dev), md.seq_lens.to(dev), md.block_table_tensor.to(dev)
 
         def run():

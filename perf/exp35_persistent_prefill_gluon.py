@@ -24,7 +24,19 @@ vector registers and moved it with R2UR (64 per tile) -- per tile 2.76 vs
 4x2k 0.317 -> 0.325 ms, 1x8k 1.073 -> 1.100 ms, 2k chunk 0.199-0.204 ->
 0.206 ms, mixed 0.419 -> 0.437 ms. The per-tile time in the loop is still
 3-10 % above the product's (4x2k p50 2.25 vs 1.98 us) with the same
-instruction count; why was not found.
+instruction count. (d) This file's final state: the output stored coalesced
+through Q's first chunk, Q loaded in two chunks with their own barriers
+(the second chunk refilled when the loops end, the first after the store;
+tile 0's K/V issued before either), %clock64 beside the timers
+(perf/logs/exp35d_h100.log, exp36_h100.log; outputs now differ from the
+product's by one bf16 ulp: QK(0) sums its two chunks in the other order):
+transitions per item ~1.7 us (tile 0 0.2, gap 0.4, tail 1.1) against the
+product's ~4.6, but per tile in the loop 2.23 vs 2.02 us (p50, 4x2k) at the
+same SM clock (1659 vs 1647 MHz); untimed A/B 4x2k 0.3205 -> 0.3181 ms,
+1x8k 1.074 -> 1.085 ms, 2k chunk 0.201-0.202 -> 0.204-0.205 ms, mixed
+0.421 -> 0.436 ms. Level; not adopted. Still to find: what makes the
+persistent loop slower per tile (the next item's loads in flight beside the
+current item's, or its first tiles waiting on a ring refilled late).
 
 Original module docstring follows: Hopper (sm_90) causal prefill written in Gluon, Triton's lower-level
 dialect (``triton.experimental.gluon``, shipped with Triton >= 3.5).
@@ -140,6 +152,11 @@ if AVAILABLE:
                                          pack=1)
 
     @gluon.jit
+    def _clock(x):
+        return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [x], dtype=gl.int64, is_pure=False,
+                                         pack=1)
+
+    @gluon.jit
     def _smid(x):
         return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
 
@@ -224,13 +241,18 @@ if AVAILABLE:
             pos = ctx + r0 + gl.arange(0, HALF_M, layout=s_rows)
 
             # tile 0: S = QK(0), softmax -> P(0)
-            mbarrier.wait(q_ready.index(c), k & 1)
             slot0 = g % NUM_BUF
             mbarrier.wait(k_ready.index(slot0), (g // NUM_BUF) & 1)
             if TIMELINE:
                 t_k0 = _timer(h)
-            s_tok = warpgroup_mma(qa, ka_s.index(slot0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            s_tok = warpgroup_mma(qb, kb_s.index(slot0).permute((1, 0)), s_tok, is_async=True)
+                c_k0 = _clock(h)
+            # Q's second chunk first: its buffer is refilled as soon as the
+            # previous item's loop ends; the first chunk's only after its
+            # output went out through it
+            mbarrier.wait(q_ready.index(2 + c), k & 1)
+            s_tok = warpgroup_mma(qb, kb_s.index(slot0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(q_ready.index(c), k & 1)
+            s_tok = warpgroup_mma(qa, ka_s.index(slot0).permute((1, 0)), s_tok, is_async=True)
             x = warpgroup_mma_wait(0, deps=[s_tok])
             mbarrier.arrive(k_empty.index(slot0))
             if 0 >= int_hi:
@@ -269,9 +291,10 @@ if AVAILABLE:
                 mbarrier.arrive(v_empty.index(slot))
                 acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
                 p_op = gl.convert_layout(p.to(v_s.dtype), p_layout)
-            mbarrier.arrive(q_empty.index(c))  # every QK of this item is done: Q may be refilled
+            mbarrier.arrive(q_empty.index(2 + c))  # every QK of this item is done: Q's second chunk is free
             if TIMELINE:
                 t_loop = _timer(h)
+                c_loop = _clock(h)
             # last tile: PV(n_tiles - 1)
             gt = g + n_tiles - 1
             slot = gt % NUM_BUF
@@ -290,16 +313,22 @@ if AVAILABLE:
                 l_i = l_i * corr + gl.exp2(sink_log2 - m_f)
                 acc = acc * gl.convert_layout(corr, o_rows)[:, None]
             out = acc * gl.convert_layout(1.0 / l_i, o_rows)[:, None]
-            r = gl.arange(0, HALF_M, layout=o_rows)
-            dv = gl.arange(0, DV, layout=o_cols)
+            # coalesced store through Q's first chunk (product, exp30), then
+            # that chunk is free for the next item's Q
+            out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+            qa.store(out.to(out_ptr.dtype.element_ty))
+            out_c = qa.load(out_layout)
+            r = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, out_layout))
+            dv = gl.arange(0, DV, layout=gl.SliceLayout(0, out_layout))
             t_row = (q_row + c * HALF_M + r).to(gl.int64)
             offs = t_row[:, None] * stride_o0 + h.to(gl.int64) * stride_o1 + dv[None, :]
-            gl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty),
-                     mask=(r0 + r < q_len)[:, None])
+            gl.store(out_ptr + offs, out_c, mask=(r0 + r < q_len)[:, None])
+            fence_async_shared()
+            mbarrier.arrive(q_empty.index(c))
             if TIMELINE:
                 t_end = _timer(h)
                 if c == 0:
-                    rec = tl_ptr + item.to(gl.int64) * 8
+                    rec = tl_ptr + item.to(gl.int64) * 16
                     gl.store(rec + 0, t_info)
                     gl.store(rec + 1, t_info)
                     gl.store(rec + 2, t_k0)
@@ -307,6 +336,8 @@ if AVAILABLE:
                     gl.store(rec + 4, t_end)
                     gl.store(rec + 5, _smid(h).to(gl.int64))
                     gl.store(rec + 6, n_tiles.to(gl.int64))
+                    gl.store(rec + 7, c_k0)
+                    gl.store(rec + 8, c_loop)
 
             g += n_tiles
             k += 1
@@ -372,13 +403,6 @@ if AVAILABLE:
                         idx == 5, h, gl.where(idx == 6, j, 0)))))))
                 info_s.index(islot).store(rec)
                 mbarrier.arrive(info_ready.index(islot))
-                for c in gl.static_range(2):
-                    mbarrier.wait(q_empty.index(c), (k & 1) ^ 1)
-                    mbarrier.expect(q_ready.index(c), HALF_M * (D1 + D2) * 2)
-                    tma.async_copy_global_to_shared(qa_desc, [s_q + q0 + c * HALF_M, h * DQK], q_ready.index(c),
-                                                    qa_s.index(c))
-                    tma.async_copy_global_to_shared(qb_desc, [s_q + q0 + c * HALF_M, h * DQK + D1],
-                                                    q_ready.index(c), qb_s.index(c))
                 bt_row = bt_ptr + s.to(gl.int64) * stride_bt0
                 kv_col0 = (h // G) * (DQK + DV)
                 pi = gl.arange(0, PAGES, layout=id_layout)
@@ -406,6 +430,21 @@ if AVAILABLE:
                         row = gl.sum(gl.where(pi == i, cur, 0), 0)
                         tma.async_copy_global_to_shared(v_desc, [row, kv_col0 + D1 + D2], v_ready.index(slot),
                                                         v_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+                    # Q after tile 0's K/V (whose slots free up first): its
+                    # second chunk when the consumers' loops end, its first
+                    # when their outputs left through it (after tile 1)
+                    if t == 0:
+                        for c in gl.static_range(2):
+                            mbarrier.wait(q_empty.index(2 + c), (k & 1) ^ 1)
+                            mbarrier.expect(q_ready.index(2 + c), HALF_M * D2 * 2)
+                            tma.async_copy_global_to_shared(qb_desc, [s_q + q0 + c * HALF_M, h * DQK + D1],
+                                                            q_ready.index(2 + c), qb_s.index(c))
+                    if t == gl.minimum(n_tiles - 1, 1):
+                        for c in gl.static_range(2):
+                            mbarrier.wait(q_empty.index(c), (k & 1) ^ 1)
+                            mbarrier.expect(q_ready.index(c), HALF_M * D1 * 2)
+                            tma.async_copy_global_to_shared(qa_desc, [s_q + q0 + c * HALF_M, h * DQK],
+                                                            q_ready.index(c), qa_s.index(c))
                 g += n_tiles
                 k += 1
             j = j_next
@@ -429,7 +468,7 @@ if AVAILABLE:
         bt_ptr,  # [S, num_bt_cols] int32
         sinks_ptr,  # [H] fp32 (USE_SINKS)
         counter_ptr,  # [2] int32, zero: next work item, finished programs (reset by the last)
-        tl_ptr,  # [items, 8] int64 (TIMELINE)
+        tl_ptr,  # [items, 16] int64 (TIMELINE)
         num_seqs, num_heads, n_q, num_bt_cols, stride_bt0, oob_row, q_len_lo, q_len_hi, qk_scale, stride_o0,
         stride_o1,
         G: gl.constexpr, DQK: gl.constexpr, D1: gl.constexpr, D2: gl.constexpr, DV: gl.constexpr,
@@ -456,8 +495,8 @@ if AVAILABLE:
         info_s = gl.allocate_shared_memory(gl.int32, [2, INFO], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         info_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         info_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())  # [c]: chunk 1, [2 + c]: 2
+        q_empty = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
@@ -468,6 +507,8 @@ if AVAILABLE:
             mbarrier.init(info_empty.index(i), count=2)
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=1)
+            mbarrier.init(q_ready.index(2 + i), count=1)
+            mbarrier.init(q_empty.index(2 + i), count=1)
         for i in gl.static_range(NUM_BUF):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
