@@ -41,19 +41,36 @@ def test_split_plan_targets_half_the_sms_and_respects_bounds():
     assert launch.gluon_decode_fits(66, 132) and not launch.gluon_decode_fits(67, 132)
 
 
+def test_h200_rule_serves_more_programs_and_leaves_tiny_launches_to_triton():
+    """Tuned per card (exp37): an H200 splits to about num_sms programs
+    (B=16 x 8k: 2 splits, 91.7 vs 102.0 us unsplit), serves up to num_sms
+    programs (B=32 x 8k) and leaves launches of < 8 programs (B=1, Hkv=4) to
+    the Triton decode; every other card keeps the H100 rule."""
+    h200 = launch.gluon_decode_rule("NVIDIA H200")
+    assert h200 is launch.GLUON_DECODE_RULES["H200"]
+    assert launch.gluon_decode_rule("NVIDIA H100 80GB HBM3") is launch.GLUON_DECODE_RULES["default"]
+    assert launch.gluon_decode_rule("NVIDIA GH200 480GB") is h200
+    plan = lambda p: launch.plan_gluon_decode(programs=p, kv_tiles=512, num_sms=132, max_splits=64,  # noqa: E731
+                                              rule=h200)
+    assert [plan(p) for p in (8, 16, 32, 64, 128)] == [16, 8, 4, 2, 1]
+    assert [launch.gluon_decode_fits(p, 132, h200) for p in (4, 7, 8, 132, 133)] == [False, False, True, True, False]
+
+
 @settings(max_examples=examples(50))
 @given(programs=st.integers(1, 400), kv_tiles=st.integers(1, 4096), num_sms=st.integers(1, 200),
-       max_splits=st.integers(1, 128), forced=st.one_of(st.none(), st.integers(1, 300)))
-def test_split_plan_invariants(programs, kv_tiles, num_sms, max_splits, forced):
+       max_splits=st.integers(1, 128), forced=st.one_of(st.none(), st.integers(1, 300)),
+       card=st.sampled_from(sorted(launch.GLUON_DECODE_RULES)))
+def test_split_plan_invariants(programs, kv_tiles, num_sms, max_splits, forced, card):
     """Any split plan stays within the workspace and MAX_SPLITS; an
-    unforced one never grows the launch past num_sms // 2 programs (or its
+    unforced one never grows the launch past the card rule's target (or its
     unsplit size), nor cuts splits below the minimum keys unless unsplit."""
+    rule = launch.GLUON_DECODE_RULES[card]
     splits = launch.plan_gluon_decode(programs=programs, kv_tiles=kv_tiles, num_sms=num_sms, max_splits=max_splits,
-                                      num_splits=forced)
+                                      num_splits=forced, rule=rule)
     assert 1 <= splits <= max_splits
     if forced is None:
         assert splits <= launch.MAX_SPLITS
-        assert programs * splits <= max(programs, num_sms // launch.GLUON_DECODE_SM_FRACTION)
+        assert programs * splits <= max(programs, int(num_sms * rule.target_sm_fraction))
         assert splits == 1 or kv_tiles // splits >= launch.GLUON_DECODE_MIN_SPLIT_KEYS // 64
     else:
         assert splits == min(forced, max_splits)
@@ -176,10 +193,12 @@ def test_engine_paths_use_the_gluon_decode_for_small_batches(api, decode_calls):
 @pytest.mark.gpu
 @hopper_only
 def test_large_decode_batches_go_to_the_triton_kernel(decode_calls):
-    """More programs than half the SMs: the Triton decode (two programs per
-    SM) is as fast or faster, so the Gluon kernel does not run."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    n = sms // launch.GLUON_DECODE_SM_FRACTION // 4 + 1  # Hkv = 4 programs per sequence
+    """More programs than the card's rule gives the Gluon decode (half the
+    SMs on an H100): the Triton decode (two programs per SM) is as fast or
+    faster, so the Gluon kernel does not run."""
+    props = torch.cuda.get_device_properties(0)
+    rule = launch.gluon_decode_rule(props.name)
+    n = int(props.multi_processor_count * rule.max_sm_fraction) // 4 + 1  # Hkv = 4 programs per sequence
     batch = make_batch(_spec(tuple(SeqShape(1, 40 + i) for i in range(n))), device="cuda")
     check_output(run_functional(batch), batch, what="large decode batch")
     assert not decode_calls

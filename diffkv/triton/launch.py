@@ -338,35 +338,65 @@ def plan_attention(
     )
 
 
-GLUON_DECODE_SM_FRACTION = 2
-"""The Gluon decode serves a launch of at most ``num_sms //`` this many
-(query tile, KV head) programs and splits their KV until they number about
-that many. Measured on an H100 (perf/exp31.py, bf16, H=32, Hkv=4): one
-program streams at most ~55 GB/s, so ~64 of them saturate HBM; more
-programs only add partials to reduce -- B=16 x 8k: 64 programs unsplit
-120.6 us, 128 programs 127.8 us; B=1 x 32k: 16 splits 39.8 us, 32 splits 41.7
-us; B=2 / 4 / 8 best at 64 programs too. From 128 programs on (B=32 x 8k,
-B=64 x 4k) the Triton decode is as fast or faster (two programs per SM)."""
+@dataclass(frozen=True)
+class GluonDecodeRule:
+    """When the Gluon decode serves a decode launch, and how far it splits,
+    by card: it serves launches of ``min_programs`` to ``num_sms *
+    max_sm_fraction`` (query tile, KV head) programs and splits their KV
+    until they number about ``num_sms * target_sm_fraction``."""
+
+    min_programs: int
+    max_sm_fraction: float
+    target_sm_fraction: float
+
+
+GLUON_DECODE_RULES: dict[str, GluonDecodeRule] = {
+    # H100 SXM (perf/exp31.py, bf16, H=32, Hkv=4): one program streams at
+    # most ~55 GB/s, so ~64 of them saturate HBM; more programs only add
+    # partials to reduce -- B=16 x 8k: 64 programs unsplit 120.6 us, 128
+    # programs 127.8 us; B=1 x 32k: 16 splits 39.8 us, 32 splits 41.7 us;
+    # B=2 / 4 / 8 best at 64 programs too. From 128 programs on (B=32 x 8k,
+    # B=64 x 4k) the Triton decode is as fast or faster (two programs per SM).
+    "default": GluonDecodeRule(min_programs=1, max_sm_fraction=0.5, target_sm_fraction=0.5),
+    # H200 (perf/exp37, perf/logs/exp37_h200.log; 4.2 TB/s of copy): best at
+    # ~96-132 programs -- B=16 x 8k: 64 programs 102.0 us, 128 programs
+    # 91.7 us (Triton 93.3); B=32 x 8k unsplit (128) 167.0 us (Triton 170.4);
+    # B=2 / 4 / 8 best at 96-128 programs, 2-5 % ahead of Triton; B=1 x 32k
+    # (4 programs): 32.4-32.6 us at 96-132 programs, Triton 30.8 us;
+    # B=64 x 4k (256) and 62 x 4k (248): Triton level or ahead.
+    "H200": GluonDecodeRule(min_programs=8, max_sm_fraction=1.0, target_sm_fraction=1.0),
+}
+"""Tuned per card (the key: a substring of the CUDA device name; "default":
+every other card, tuned on an H100)."""
 
 GLUON_DECODE_MIN_SPLIT_KEYS = 512
 """A split of the Gluon decode reads at least this many keys (fewer: the
 ring's fill and the partial's write dominate)."""
 
 
-def gluon_decode_fits(programs: int, num_sms: int) -> bool:
+def gluon_decode_rule(device_name: str) -> GluonDecodeRule:
+    """The :data:`GLUON_DECODE_RULES` entry for a CUDA device name."""
+    for key, rule in GLUON_DECODE_RULES.items():
+        if key != "default" and key in device_name:
+            return rule
+    return GLUON_DECODE_RULES["default"]
+
+
+def gluon_decode_fits(programs: int, num_sms: int, rule: GluonDecodeRule = GLUON_DECODE_RULES["default"]) -> bool:
     """The Gluon decode is the faster kernel for a launch of this many
-    (query tile, KV head) programs (see :data:`GLUON_DECODE_SM_FRACTION`)."""
-    return programs <= max(1, num_sms // GLUON_DECODE_SM_FRACTION)
+    (query tile, KV head) programs on a card with ``rule``."""
+    return rule.min_programs <= programs <= max(1, int(num_sms * rule.max_sm_fraction))
 
 
 def plan_gluon_decode(*, programs: int, kv_tiles: int, num_sms: int, max_splits: int,
-                      num_splits: int | None = None, tile_keys: int = 64) -> int:
+                      num_splits: int | None = None, tile_keys: int = 64,
+                      rule: GluonDecodeRule = GLUON_DECODE_RULES["default"]) -> int:
     """KV splits of the Gluon decode: until the programs number about
-    ``num_sms // GLUON_DECODE_SM_FRACTION``, no split shorter than
+    ``num_sms * rule.target_sm_fraction``, no split shorter than
     :data:`GLUON_DECODE_MIN_SPLIT_KEYS` keys, at most :data:`MAX_SPLITS`;
     clamped to the workspace's ``max_splits`` (forced ``num_splits`` too)."""
     if num_splits is None:
-        target = max(1, num_sms // GLUON_DECODE_SM_FRACTION)
+        target = max(1, int(num_sms * rule.target_sm_fraction))
         min_tiles = max(1, GLUON_DECODE_MIN_SPLIT_KEYS // tile_keys)
         num_splits = min(max(1, target // max(1, programs)), max(1, kv_tiles // min_tiles), MAX_SPLITS)
     return max(1, min(int(num_splits), max_splits))
@@ -380,6 +410,16 @@ def _cuda_props(index: int) -> tuple[int, int]:
 
 def _cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_properties(index).name
+
+
+def device_name(device: torch.device) -> str:
+    """A CUDA device's name (``"NVIDIA H200"``), for per-card tuned rules."""
+    return _cuda_name(_cuda_index(device))
 
 
 def compute_capability(device: torch.device) -> int:

@@ -23,8 +23,10 @@ serves (bf16/fp16, Dqk=192 / Dv=128, 16-128-token pages, causal with or
 without sinks) go to the Gluon kernel of :mod:`.prefill_gluon` instead (same
 grid rule, same ``q_len`` classes, no gather); :func:`_gluon_serves` decides
 from host-side facts only. Decode-regime launches of the same shapes and
-features (up to 64 query heads per KV head) with at most ``num_sms // 2``
-(query tile, KV head) programs go to the Gluon decode of
+features (up to 64 query heads per KV head) with as many (query tile, KV
+head) programs as the card's tuned rule gives the Gluon decode
+(:data:`launch.GLUON_DECODE_RULES`: at most ``num_sms // 2`` on an H100, up
+to ``num_sms`` from 8 on an H200) go to the Gluon decode of
 :mod:`.decode_gluon` (a producer warp streams the pages by TMA; the same
 partials and reduce as here when split), decided the same way by
 :func:`_gluon_decode_plan`; larger decode batches, and the decode half of a
@@ -860,13 +862,14 @@ def _gluon_decode_plan(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.T
     query_tokens = _decode_gluon.query_tokens_per_tile(H, Hkv, max_query_len)
     programs = Hkv * min(num_seqs * -(-max(1, max_query_len) // query_tokens), T // query_tokens + num_seqs)
     num_sms = launch.device_arch(query.device, False)[1]
-    if num_splits is None and not launch.gluon_decode_fits(programs, num_sms):
+    rule = launch.gluon_decode_rule(launch.device_name(query.device))
+    if num_splits is None and not launch.gluon_decode_fits(programs, num_sms, rule):
         return None
     tile_keys = _decode_gluon.tile_keys(block_size)
     splits = launch.plan_gluon_decode(
         programs=programs, kv_tiles=-(-max(1, max_seq_len) // tile_keys), tile_keys=tile_keys, num_sms=num_sms,
         max_splits=1 if workspace is None else workspace.max_splits(T, H, kv_cache.shape[3] - Dqk),
-        num_splits=num_splits)
+        num_splits=num_splits, rule=rule)
     return query_tokens, splits
 
 
