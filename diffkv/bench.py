@@ -17,6 +17,7 @@ Scenario syntax for custom shapes (``--seqs``): comma-separated groups
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -363,7 +364,8 @@ def run(scenarios: list[Scenario], backend: str, device: torch.device, with_base
         _progress(i, len(scenarios), s.name)
         b = build_batch(s, device)
         fn = run_backend(s, b, backend)
-        fn()
+        with launch_trace(backend) as launched:
+            fn()
         torch.cuda.synchronize(device)
         replay = as_graph(fn) if graphs else None
         med, p20, p80 = time_fn(replay or fn, flush=flush)
@@ -382,6 +384,7 @@ def run(scenarios: list[Scenario], backend: str, device: torch.device, with_base
             "paged_read_config": floor_cfg,
             "frac_floor": (floor_ms / med) if floor_ms else None,
             "timing": "cuda_graph_replay" if replay else "eager",
+            "kernels": list(launched),
         }
         r["frac_copy"] = r["GBps"] / ceil["copy_GBps"]
         r["frac_matmul"] = r["TFLOPs"] / ceil["bf16_matmul_TFLOPs"]
@@ -397,6 +400,17 @@ def run(scenarios: list[Scenario], backend: str, device: torch.device, with_base
     return {"gpu": gpu, "torch": torch.__version__, "triton": _triton_version(), "backend": backend,
             "host": platform.node(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "flush": flush, "ceilings": ceil, "results": results}
+
+
+def launch_trace(backend: str):
+    """A context recording which kernels one forward launches: the Triton
+    backend's :func:`~diffkv.triton.kernels.attention.trace_launches`; other
+    backends record nothing."""
+    if backend == "triton":
+        from diffkv.triton.kernels.attention import trace_launches
+
+        return trace_launches()
+    return contextlib.nullcontext([])
 
 
 def _triton_version() -> str:
@@ -450,6 +464,11 @@ def print_table(report: dict) -> None:
         print(f"{r['scenario']:<28} {r['ms_median']:>9.4f} {r['ms_p20']:>7.4f}-{r['ms_p80']:<7.4f} "
               f"{r['GBps']:>7.0f} {r['frac_copy']:>6.1%} {rd:>6} {r['TFLOPs']:>8.1f} {r['frac_matmul']:>5.1%} "
               f"{base:>9}  {verdict(r, c)}")
+    traced = [r for r in report["results"] if r.get("kernels")]
+    if traced:
+        print("kernels launched by one forward:")
+        for r in traced:
+            print(f"  {r['scenario']:<28} {' | '.join(r['kernels'])}")
 
 
 def plot(report: dict, path: str) -> bool:

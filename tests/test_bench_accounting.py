@@ -68,3 +68,22 @@ def test_window_verdict_is_bound_by_the_window_not_the_context():
     assert verdict({**r, "ms_median": whole * 1.01}, ceilings).startswith("miss")
     # without the ceilings (or without a window) the plain decode rule applies
     assert verdict({**r, "ms_median": 0.03}).startswith("miss (>= 90% copy)")
+
+
+def test_table_names_the_kernels_each_scenario_launched(capsys):
+    """The bench prints, under its table, the kernels one forward of each
+    scenario launched (recorded by the Triton backend's launch trace);
+    scenarios without a record (older JSON, other backends) are left out."""
+    from diffkv.bench import print_table
+
+    row = dict(kind="prefill", note="", config={}, ms_median=0.3, ms_p20=0.29, ms_p80=0.31, GBps=1.0, TFLOPs=500.0,
+               torch_baseline_ms=None, frac_floor=None, timing="cuda_graph_replay", frac_copy=0.1, frac_matmul=0.7)
+    report = {"gpu": "test card", "backend": "triton", "flush": "read",
+              "ceilings": {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 700.0},
+              "results": [dict(row, scenario="prefill_4x2k", kernels=["gluon prefill"]),
+                          dict(row, scenario="old_row")]}
+    print_table(report)
+    out = capsys.readouterr().out
+    assert "kernels launched by one forward:" in out
+    assert [line.split() for line in out.splitlines() if line.startswith("  ")] == [
+        ["prefill_4x2k", "gluon", "prefill"]]

@@ -517,3 +517,21 @@ def test_ptxas_failure_rebuilds_the_variant_with_another_pipeline_depth(monkeypa
     tried.clear()
     check_output(run_functional(batch), batch, what="second call")
     assert failing_depth not in tried, "the failing depth was retried on a later call"
+
+
+# ---------------------------------------------------------------- launch trace
+def test_trace_launches_records_what_ran_and_only_inside_the_block():
+    """``trace_launches`` lists each kernel a forward launched (here the
+    Triton attention with a forced 3-way split and its reduce), records
+    nothing outside its block, and an inner trace leaves the outer one as
+    it was. The traced call's output is still the reference's."""
+    batch = make_batch(mixed_spec(torch.float32), LayerFeatures(), device="cpu")
+    with tk.trace_launches() as outer:
+        with tk.trace_launches() as inner:
+            out = run_kernel(batch, num_splits=3, max_query_len=1)  # decode tiles: one launch, split
+        assert outer == []
+    check_output(out, batch)
+    assert len(inner) == 1 and inner[0].startswith("triton attention ") and inner[0].endswith(
+        "3 splits + reduce"), inner
+    run_kernel(batch, num_splits=3, max_query_len=1)
+    assert len(inner) == 1 and tk._LAUNCHES is None

@@ -61,6 +61,7 @@ dequantizing variant (per-tensor K/V scales) will fit.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -79,6 +80,38 @@ except ImportError:  # pragma: no cover - older Triton: the paged path only
     _TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
+
+_LAUNCHES: list[str] | None = None
+"""What :func:`paged_attention` launched, while :func:`trace_launches` is
+active (None: nothing is recorded)."""
+
+
+@contextlib.contextmanager
+def trace_launches():
+    """Record which kernels :func:`paged_attention` launches inside the
+    block (benchmarks, debugging)::
+
+        with trace_launches() as launched:
+            paged_attention(...)
+        # launched == ["gluon decode, 16 splits + reduce"]
+
+    Host-side and in launch order; costs one ``is None`` test per launch
+    when no trace is active. Not thread-safe (one trace at a time)."""
+    global _LAUNCHES
+    previous, _LAUNCHES = _LAUNCHES, []
+    try:
+        yield _LAUNCHES
+    finally:
+        _LAUNCHES = previous
+
+
+def _traced(what: str) -> None:
+    if _LAUNCHES is not None:
+        _LAUNCHES.append(what)
+
+
+def _splits(n: int) -> str:
+    return f"{n} splits + reduce" if n > 1 else "unsplit"
 
 
 @dataclass
@@ -718,6 +751,7 @@ def paged_attention(
                     q_len_range=(0, dec.block_q), idx_q=idx_q, **common)
         pre_range = (dec.block_q + 1, 2**31 - 1)
         if gluon:
+            _traced("gluon prefill")
             _prefill_gluon.prefill(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
                                    sinks=sinks, q_len_range=pre_range)
         else:
@@ -734,6 +768,7 @@ def paged_attention(
         num_splits=num_splits)
     if gluon_decode is not None:
         query_tokens, splits = gluon_decode
+        _traced(f"gluon decode, {_splits(splits)}")
         _decode_gluon.decode(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale, sinks=sinks,
                              num_splits=splits, query_tokens=query_tokens,
                              partials=(workspace.partial_out, workspace.partial_max, workspace.partial_sum)
@@ -746,6 +781,7 @@ def paged_attention(
                     gathered=not gluon and _can_gather(query, kv_cache, workspace, S, max_seq_len, block_table))
     if plan.phased and gluon:
         # prefill regime on an H100-class GPU: the Gluon kernel (no gather, no split)
+        _traced("gluon prefill")
         return _prefill_gluon.prefill(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
                                       sinks=sinks, q_len_range=(0, 2**31 - 1))
     kv_desc = _gather_for(query, kv_cache, query_start_loc, seq_lens, block_table, workspace, plan,
@@ -805,6 +841,7 @@ def _gather_for(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: to
     else:  # a workspace made without room for the offsets (direct kernel calls)
         kv_start = torch.empty(S, dtype=torch.int32, device=seq_lens.device)
     bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * kv_cache.shape[1]
+    _traced("gather")
     _gather.gather_kv(kv_cache, buf, query_start_loc, seq_lens, block_table, kv_start, max_seq_len=bound,
                       q_len_range=q_len_range)
     bn = plan.block_n
@@ -1047,6 +1084,8 @@ def _launch(
         FOLD_SCALE=bool(_FOLD_SCALE and scale > 0 and not use_softcap and alibi_slopes is None),
         KV_DESC=kv_desc is not None,
     )
+    _traced(f"triton attention {plan.block_m}x{plan.block_n}{' gathered' if kv_desc is not None else ''}, "
+            f"{_splits(plan.num_splits)}")
     _run_attention_kernel(grid, args, consts, plan.num_warps, plan.num_stages)
     if split:
         _reduce(out, workspace, query_start_loc, sinks, S, plan.num_splits)
