@@ -34,9 +34,23 @@ transitions per item ~1.7 us (tile 0 0.2, gap 0.4, tail 1.1) against the
 product's ~4.6, but per tile in the loop 2.23 vs 2.02 us (p50, 4x2k) at the
 same SM clock (1659 vs 1647 MHz); untimed A/B 4x2k 0.3205 -> 0.3181 ms,
 1x8k 1.074 -> 1.085 ms, 2k chunk 0.201-0.202 -> 0.204-0.205 ms, mixed
-0.421 -> 0.436 ms. Level; not adopted. Still to find: what makes the
-persistent loop slower per tile (the next item's loads in flight beside the
-current item's, or its first tiles waiting on a ring refilled late).
+0.421 -> 0.436 ms. Level. Part of its "loop" time was the wait for Q's
+first chunk, loaded only after the previous item's output had left through
+it. (e) This file's final state: the output is staged in the item's last V
+tile instead (both consumers' last PVs done: an mbarrier of count 2; the
+slot is released after the store, and the next item's tile 1 V waits for
+it), so both Q chunks are released when the loops end and loaded right
+after tile 0's K/V. Outcome (H100, perf/logs/exp35e_h100.log, matmul 745
+TFLOP/s, outputs within one bf16 ulp of the product's): **4x2k 0.3099 /
+0.3124 -> 0.2974 / 0.3004 ms (74.4 / 73.9 -> 77.6 / 76.8 % of matmul)**,
+1x8k 1.028 / 1.035 -> 1.030 / 1.045 ms, 2k chunk 0.196 / 0.195 -> 0.196 /
+0.196 ms, but the mixed batch 0.4186 / 0.4182 -> 0.4300 / 0.4311 ms: its
+decode half runs beside the prefill on a side stream, and persistent
+programs hold every SM until the prefill ends (the non-persistent product
+hands SMs back program by program). Not adopted yet: the product needs the
+counter in caller-owned memory (CUDA graphs: nothing allocated per call)
+and a grid that leaves room for a concurrent decode (or the one-item-per-
+program grid for the mixed path) -- perf/NOTES.md, next steps.
 
 Original module docstring follows: Hopper (sm_90) causal prefill written in Gluon, Triton's lower-level
 dialect (``triton.experimental.gluon``, shipped with Triton >= 3.5).
@@ -291,7 +305,8 @@ if AVAILABLE:
                 mbarrier.arrive(v_empty.index(slot))
                 acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
                 p_op = gl.convert_layout(p.to(v_s.dtype), p_layout)
-            mbarrier.arrive(q_empty.index(2 + c))  # every QK of this item is done: Q's second chunk is free
+            mbarrier.arrive(q_empty.index(2 + c))  # every QK of this item is done: Q may be refilled
+            mbarrier.arrive(q_empty.index(c))
             if TIMELINE:
                 t_loop = _timer(h)
                 c_loop = _clock(h)
@@ -305,7 +320,7 @@ if AVAILABLE:
                                          BLOCK_N, DV)
             acc_tok = warpgroup_mma(p_op, v_tile, acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=[acc_tok])
-            mbarrier.arrive(v_empty.index(slot))
+            mbarrier.arrive(v_fixed.index(NUM_BUF))  # this consumer's last PV has read the V tile
 
             if USE_SINKS:
                 m_f = gl.maximum(m_i, sink_log2)
@@ -316,15 +331,19 @@ if AVAILABLE:
             # coalesced store through Q's first chunk (product, exp30), then
             # that chunk is free for the next item's Q
             out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-            qa.store(out.to(out_ptr.dtype.element_ty))
-            out_c = qa.load(out_layout)
+            # staged in the last V tile (both consumers' PVs are done with
+            # it), so Q is free for the next item as soon as the loop ends
+            mbarrier.wait(v_fixed.index(NUM_BUF), k & 1)
+            stage = v_tile.slice(c * HALF_M, HALF_M)
+            stage.store(out.to(out_ptr.dtype.element_ty))
+            out_c = stage.load(out_layout)
             r = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, out_layout))
             dv = gl.arange(0, DV, layout=gl.SliceLayout(0, out_layout))
             t_row = (q_row + c * HALF_M + r).to(gl.int64)
             offs = t_row[:, None] * stride_o0 + h.to(gl.int64) * stride_o1 + dv[None, :]
             gl.store(out_ptr + offs, out_c, mask=(r0 + r < q_len)[:, None])
             fence_async_shared()
-            mbarrier.arrive(q_empty.index(c))
+            mbarrier.arrive(v_empty.index(slot))
             if TIMELINE:
                 t_end = _timer(h)
                 if c == 0:
@@ -430,16 +449,15 @@ if AVAILABLE:
                         row = gl.sum(gl.where(pi == i, cur, 0), 0)
                         tma.async_copy_global_to_shared(v_desc, [row, kv_col0 + D1 + D2], v_ready.index(slot),
                                                         v_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
-                    # Q after tile 0's K/V (whose slots free up first): its
-                    # second chunk when the consumers' loops end, its first
-                    # when their outputs left through it (after tile 1)
+                    # Q after tile 0's K/V (whose slots free up first), when the
+                    # consumers' loops end (the output leaves through the last
+                    # V tile, whose slot is refilled after it)
                     if t == 0:
                         for c in gl.static_range(2):
                             mbarrier.wait(q_empty.index(2 + c), (k & 1) ^ 1)
                             mbarrier.expect(q_ready.index(2 + c), HALF_M * D2 * 2)
                             tma.async_copy_global_to_shared(qb_desc, [s_q + q0 + c * HALF_M, h * DQK + D1],
                                                             q_ready.index(2 + c), qb_s.index(c))
-                    if t == gl.minimum(n_tiles - 1, 1):
                         for c in gl.static_range(2):
                             mbarrier.wait(q_empty.index(c), (k & 1) ^ 1)
                             mbarrier.expect(q_ready.index(c), HALF_M * D1 * 2)
@@ -501,7 +519,7 @@ if AVAILABLE:
         v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-        v_fixed = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        v_fixed = gl.allocate_shared_memory(gl.int64, [NUM_BUF + 1, 1], mbarrier.MBarrierLayout())  # [NUM_BUF]: PVs done
         for i in gl.static_range(2):
             mbarrier.init(info_ready.index(i), count=1)
             mbarrier.init(info_empty.index(i), count=2)
@@ -515,6 +533,7 @@ if AVAILABLE:
             mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_empty.index(i), count=2)
             mbarrier.init(v_fixed.index(i), count=1)
+        mbarrier.init(v_fixed.index(NUM_BUF), count=2)
 
         gl.warp_specialize([
             (_consumer, (0, qa_s, qb_s, ka_s, kb_s, v_s, info_s, info_ready, info_empty, q_ready, q_empty, k_ready,
