@@ -13,7 +13,7 @@ import torch
 from diffkv.testing import BatchSpec, LayerFeatures, SeqShape, make_batch
 from diffkv.triton.kernels import attention as tk
 from diffkv.triton.kernels import prefill_gluon as pg
-from tests.triton_common import check_output, record_calls, run_class_api, run_functional
+from tests.triton_common import check_output, device_params, record_calls, run_class_api, run_functional
 
 
 def _reasons(query, cache, out=None, **kw):
@@ -108,6 +108,74 @@ def test_triton_and_gluon_paths_agree_with_reference(name, monkeypatch):
     check_output(run_functional(batch), batch, what="triton")
 
 
+def _launch_with(batch, workspace):
+    """The launcher with a given workspace (its counter: the persistent kernel)."""
+    slopes, sinks = device_params(batch)
+    out = batch.fresh_out()
+    kw = batch.attention_kwargs()
+    kw.update(alibi_slopes=slopes, sinks=sinks)
+    tk.paged_attention(batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_table, out,
+                       workspace=workspace, **kw)
+    return out
+
+
+@pytest.mark.gpu
+@hopper_only
+@pytest.mark.parametrize("name", ["one_prefill_partial_last_tile", "chunk_on_context_not_tile_aligned", "sinks",
+                                  "fp16", "block_128", "long_context", "more_than_128_sequences"])
+def test_persistent_prefill_matches_reference_and_leaves_its_counter_zero(name, monkeypatch):
+    """The persistent kernel (a workspace holds its work counter): right on
+    the SM-count grid and on a grid of 3 programs (each serves many work
+    items), and every launch leaves the counter zero, so the next launch on
+    the same workspace -- a layer after this one, a CUDA-graph replay -- is
+    right too."""
+    seqs, overrides, features = SCENARIOS[name]
+    batch = make_batch(_spec(seqs, **overrides), features, device="cuda")
+    ws = tk.Workspace.allocate(1024, batch.query.shape[1], 128, "cuda")
+    counters = record_calls(monkeypatch, pg, "prefill", "counter")
+    for launch_no in range(2):
+        out = _launch_with(batch, ws)
+        check_output(out, batch, what=f"persistent gluon prefill {name}, launch {launch_no}")
+        assert ws.prefill_counter.tolist() == [0, 0], ws.prefill_counter
+    assert len(counters) == 2 and all(c is ws.prefill_counter for c in counters), counters
+    slopes, sinks = device_params(batch)
+    out = batch.fresh_out()
+    pg.prefill(batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_table, out,
+               scale=batch.attention_kwargs()["scale"], sinks=sinks, q_len_range=(0, 2**31 - 1),
+               counter=ws.prefill_counter, num_sms=3)
+    check_output(out, batch, what=f"persistent gluon prefill {name}, 3 programs")
+    assert ws.prefill_counter.tolist() == [0, 0], ws.prefill_counter
+
+
+@pytest.mark.gpu
+@hopper_only
+def test_persistent_prefill_replays_in_a_cuda_graph():
+    """Captured once, replayed twice over new query values: each replay is
+    right (the counter is back at zero before every replay)."""
+    batch = make_batch(_spec((SeqShape(300, 40), SeqShape(129, 0))), LayerFeatures(sinks=True), device="cuda")
+    ws = tk.Workspace.allocate(1024, batch.query.shape[1], 128, "cuda")
+    out = _launch_with(batch, ws)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    slopes, sinks = device_params(batch)
+    kw = batch.attention_kwargs()
+    kw.update(alibi_slopes=slopes, sinks=sinks)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        tk.paged_attention(batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_table,
+                           out, workspace=ws, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    for seed in (1, 2):
+        batch.query.copy_(torch.randn(batch.query.shape, generator=torch.Generator().manual_seed(seed)).to(
+            batch.query.dtype))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_output(out, batch, what=f"persistent gluon prefill, graph replay {seed}")
+        assert ws.prefill_counter.tolist() == [0, 0]
+
+
 @pytest.mark.gpu
 @hopper_only
 def test_stale_host_hints(gluon_calls):
@@ -152,8 +220,9 @@ def test_builder_allocates_no_gather_buffer_until_a_layer_needs_it(gluon_calls):
 
 
 @pytest.mark.skipif(not pg.AVAILABLE, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("block_size,sinks,dtype", [(16, False, "bfloat16"), (128, True, "float16")])
-def test_kernel_builds_for_sm90_without_a_gpu(block_size, sinks, dtype):
+def test_kernel_builds_for_sm90_without_a_gpu(block_size, sinks, dtype, persistent):
     """Compile the kernel for sm_90 here (no GPU needed; in a child process,
     as this one may have Triton in interpreter mode): the Gluon API it uses
     exists in this Triton, ptxas assembles it, its shared memory fits an H100
@@ -169,7 +238,7 @@ def test_kernel_builds_for_sm90_without_a_gpu(block_size, sinks, dtype):
         "import json, subprocess, tempfile, torch\n"
         "from triton.backends.nvidia.compiler import get_ptxas\n"
         "from diffkv.triton.kernels.prefill_gluon import build_offline\n"
-        f"k = build_offline({block_size}, {sinks}, torch.{dtype})\n"
+        f"k = build_offline({block_size}, {sinks}, torch.{dtype}, persistent={persistent})\n"
         "ptx = k.asm['ptx']\n"
         "with tempfile.TemporaryDirectory() as d:\n"
         "    open(d + '/k.ptx', 'w').write(ptx)\n"
@@ -177,7 +246,7 @@ def test_kernel_builds_for_sm90_without_a_gpu(block_size, sinks, dtype):
         "                         capture_output=True, text=True).stderr\n"
         "print(json.dumps(dict(shared=k.metadata.shared, wgmma='wgmma.mma_async' in ptx,\n"
         "    pv_in_flight='wgmma.wait_group.sync.aligned 1' in ptx, tma='cp.async.bulk.tensor' in ptx,\n"
-        "    setmaxnreg='setmaxnreg' in ptx, serialized='serialized' in log)))\n"
+        "    setmaxnreg='setmaxnreg' in ptx, serialized='serialized' in log, redux='redux.sync' in ptx)))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
@@ -189,3 +258,7 @@ def test_kernel_builds_for_sm90_without_a_gpu(block_size, sinks, dtype):
     # are serialized"): with a wgmma in flight across the loop's back edge it
     # serialized every wgmma and the kernel ran 24 % slower (perf/NOTES.md, exp25)
     assert not built["serialized"], built
+    # the persistent kernel reads each work item's record through redux.sync:
+    # without it ptxas cannot prove the loop bounds warp-uniform and moved
+    # every wgmma descriptor with R2UR each tile (+100 instructions, exp35)
+    assert built["redux"] == persistent, built

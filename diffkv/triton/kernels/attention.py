@@ -136,6 +136,9 @@ class Workspace:
             first time a prefill goes to the Triton kernel instead (a layer
             with a window, softcap or ALiBi; in a serving engine that is the
             profiling run, so the memory is counted).
+        prefill_counter: ``[2]`` int32, zero: the persistent Gluon prefill's
+            work counter (every launch leaves it zero again); None: that
+            kernel is not used with this workspace.
     """
 
     partial_out: torch.Tensor
@@ -144,6 +147,7 @@ class Workspace:
     kv_rows: torch.Tensor | None = None
     kv_start: torch.Tensor | None = None
     kv_deferred: tuple | None = None
+    prefill_counter: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, rows: int, num_heads: int, head_size_v: int, device: torch.device | str, *,
@@ -158,6 +162,7 @@ class Workspace:
             partial_out=torch.empty(rows * num_heads * head_size_v, dtype=torch.float32, device=device),
             partial_max=torch.empty(rows * num_heads, dtype=torch.float32, device=device),
             partial_sum=torch.empty(rows * num_heads, dtype=torch.float32, device=device),
+            prefill_counter=torch.zeros(2, dtype=torch.int32, device=device),
         )
         if kv_rows > 0:
             ws.kv_deferred = (kv_rows, kv_row_width, kv_dtype, kv_seqs)
@@ -780,10 +785,13 @@ def paged_attention(
                     workspace=workspace, num_splits=num_splits, sliding_window=sliding_window,
                     gathered=not gluon and _can_gather(query, kv_cache, workspace, S, max_seq_len, block_table))
     if plan.phased and gluon:
-        # prefill regime on an H100-class GPU: the Gluon kernel (no gather, no split)
-        _traced("gluon prefill")
+        # prefill regime on an H100-class GPU: the Gluon kernel (no gather, no
+        # split), persistent where the workspace holds its work counter
+        counter = workspace.prefill_counter if workspace is not None else None
+        _traced("gluon prefill, persistent" if counter is not None else "gluon prefill")
         return _prefill_gluon.prefill(query, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale,
-                                      sinks=sinks, q_len_range=(0, 2**31 - 1))
+                                      sinks=sinks, q_len_range=(0, 2**31 - 1), counter=counter,
+                                      num_sms=launch.device_arch(query.device, False)[1])
     kv_desc = _gather_for(query, kv_cache, query_start_loc, seq_lens, block_table, workspace, plan,
                           (0, 2**31 - 1), max_seq_len)
     return _launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, plan, workspace, scale=scale,
