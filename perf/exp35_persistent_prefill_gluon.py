@@ -47,10 +47,9 @@ TFLOP/s, outputs within one bf16 ulp of the product's): **4x2k 0.3099 /
 0.196 ms, but the mixed batch 0.4186 / 0.4182 -> 0.4300 / 0.4311 ms: its
 decode half runs beside the prefill on a side stream, and persistent
 programs hold every SM until the prefill ends (the non-persistent product
-hands SMs back program by program). Not adopted yet: the product needs the
-counter in caller-owned memory (CUDA graphs: nothing allocated per call)
-and a grid that leaves room for a concurrent decode (or the one-item-per-
-program grid for the mixed path) -- perf/NOTES.md, next steps.
+hands SMs back program by program). Adopted for pure prefill launches as
+``diffkv.triton.kernels.prefill_gluon._persistent_kernel`` (the counter in
+the Workspace; the mixed batch keeps one program per tile).
 
 Original module docstring follows: Hopper (sm_90) causal prefill written in Gluon, Triton's lower-level
 dialect (``triton.experimental.gluon``, shipped with Triton >= 3.5).

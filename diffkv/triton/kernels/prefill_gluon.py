@@ -28,6 +28,13 @@ inside its last page (whatever they hold, NaN included) are masked out of the
 scores, and consumer 0 zeroes them in the V tile before either consumer's PV
 reads it (consumer 1 waits for that), so 0 * NaN never reaches the output.
 
+Two grids of the same partitions: one program per (query tile, head)
+(:func:`_prefill_kernel`), and a persistent one (:func:`_persistent_kernel`,
+``num_sms`` programs taking work items from a counter; the next item's Q and
+first K/V load while the current one finishes: prefill 4x2k 4 % faster,
+perf exp35e), used where the caller passes a counter and runs nothing beside
+the launch (it keeps every SM until it ends).
+
 Served: bf16/fp16, Dqk = 128 + 64, Dv = 128 (the measured DiffKV shape),
 page-contiguous caches with 16..128-token pages, causal attention with
 optional sinks. Softcap, ALiBi and sliding windows go to the Triton kernel
