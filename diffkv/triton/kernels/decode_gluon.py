@@ -40,7 +40,7 @@ if _pg.AVAILABLE:
         warpgroup_mma_wait,
     )
 
-    from .prefill_gluon import tile_owner
+    from .prefill_gluon import load_kv_tile, tile_owner
 
 BLOCK_M = 64
 """Rows per program: query tokens x query heads of one KV head (one wgmma
@@ -234,20 +234,8 @@ if _pg.AVAILABLE:
             col = (tile_begin + t + 1) * PAGES + pi
             ok = (col < num_bt_cols) & (col * BLOCK_SIZE < seq_len) & (t + 1 < n_tiles)
             rows = gl.where(ok, gl.load(bt_row + col, mask=ok, other=0) * BLOCK_SIZE, oob_row)
-            mbarrier.wait(k_empty.index(slot), phase)
-            mbarrier.expect(k_ready.index(slot), BLOCK_N * (D1 + D2) * 2)
-            for i in gl.static_range(PAGES):
-                row = gl.sum(gl.where(pi == i, cur, 0), 0)
-                tma.async_copy_global_to_shared(ka_desc, [row, kv_col0], k_ready.index(slot),
-                                                ka_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
-                tma.async_copy_global_to_shared(kb_desc, [row, kv_col0 + D1], k_ready.index(slot),
-                                                kb_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
-            mbarrier.wait(v_empty.index(slot), phase)
-            mbarrier.expect(v_ready.index(slot), BLOCK_N * DV * 2)
-            for i in gl.static_range(PAGES):
-                row = gl.sum(gl.where(pi == i, cur, 0), 0)
-                tma.async_copy_global_to_shared(v_desc, [row, kv_col0 + D1 + D2], v_ready.index(slot),
-                                                v_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+            load_kv_tile(ka_desc, kb_desc, v_desc, ka_s, kb_s, v_s, k_ready, v_ready, k_empty, v_empty, slot, phase,
+                         cur, pi, kv_col0, D1, D2, DV, BLOCK_N, BLOCK_SIZE)
 
     @gluon.jit
     def _decode_kernel(

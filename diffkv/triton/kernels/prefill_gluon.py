@@ -157,6 +157,30 @@ if AVAILABLE:
         return lo
 
     @gluon.jit
+    def load_kv_tile(ka_desc, kb_desc, v_desc, ka_s, kb_s, v_s, k_ready, v_ready, k_empty, v_empty, slot, phase, rows,
+                     pi, kv_col0, D1: gl.constexpr, D2: gl.constexpr, DV: gl.constexpr, BLOCK_N: gl.constexpr,
+                     BLOCK_SIZE: gl.constexpr):
+        """One K/V tile into ring slot ``slot`` by TMA, one box per cache page:
+        K once the slot's K is free, then V once the slot's V is free
+        (``phase``: the parity the empty barriers wait for; ``rows``: the
+        pages' first cache rows, lane ``i`` of ``pi`` holding page ``i``)."""
+        PAGES: gl.constexpr = BLOCK_N // BLOCK_SIZE
+        mbarrier.wait(k_empty.index(slot), phase)
+        mbarrier.expect(k_ready.index(slot), BLOCK_N * (D1 + D2) * 2)
+        for i in gl.static_range(PAGES):
+            row = gl.sum(gl.where(pi == i, rows, 0), 0)
+            tma.async_copy_global_to_shared(ka_desc, [row, kv_col0], k_ready.index(slot),
+                                            ka_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+            tma.async_copy_global_to_shared(kb_desc, [row, kv_col0 + D1], k_ready.index(slot),
+                                            kb_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+        mbarrier.wait(v_empty.index(slot), phase)
+        mbarrier.expect(v_ready.index(slot), BLOCK_N * DV * 2)
+        for i in gl.static_range(PAGES):
+            row = gl.sum(gl.where(pi == i, rows, 0), 0)
+            tma.async_copy_global_to_shared(v_desc, [row, kv_col0 + D1 + D2], v_ready.index(slot),
+                                            v_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+
+    @gluon.jit
     def _consumer(c: gl.constexpr, qa_s, qb_s, ka_s, kb_s, v_s, q_bars, k_ready, v_ready, k_empty, v_empty, v_fixed,
                   out_ptr, q_start, q0, q_len, seq_len, ctx, n_tiles, qk_scale, sink_log2, h, stride_o0, stride_o1,
                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, NUM_BUF: gl.constexpr,
@@ -291,20 +315,8 @@ if AVAILABLE:
             col = (t + 1) * PAGES + pi
             ok = (col < num_bt_cols) & (col * BLOCK_SIZE < seq_len) & (t + 1 < n_tiles)
             rows = gl.where(ok, gl.load(bt_row + col, mask=ok, other=0) * BLOCK_SIZE, oob_row)
-            mbarrier.wait(k_empty.index(slot), phase)
-            mbarrier.expect(k_ready.index(slot), BLOCK_N * (D1 + D2) * 2)
-            for i in gl.static_range(PAGES):
-                row = gl.sum(gl.where(pi == i, cur, 0), 0)
-                tma.async_copy_global_to_shared(ka_desc, [row, kv_col0], k_ready.index(slot),
-                                                ka_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
-                tma.async_copy_global_to_shared(kb_desc, [row, kv_col0 + D1], k_ready.index(slot),
-                                                kb_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
-            mbarrier.wait(v_empty.index(slot), phase)
-            mbarrier.expect(v_ready.index(slot), BLOCK_N * DV * 2)
-            for i in gl.static_range(PAGES):
-                row = gl.sum(gl.where(pi == i, cur, 0), 0)
-                tma.async_copy_global_to_shared(v_desc, [row, kv_col0 + D1 + D2], v_ready.index(slot),
-                                                v_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+            load_kv_tile(ka_desc, kb_desc, v_desc, ka_s, kb_s, v_s, k_ready, v_ready, k_empty, v_empty, slot, phase,
+                         cur, pi, kv_col0, D1, D2, DV, BLOCK_N, BLOCK_SIZE)
 
     @gluon.jit
     def _prefill_kernel(
@@ -610,20 +622,8 @@ if AVAILABLE:
                     colv = (t + 1) * PAGES + pi
                     okp = (colv < num_bt_cols) & (colv * BLOCK_SIZE < s_seq) & (t + 1 < n_tiles)
                     rows = gl.where(okp, gl.load(bt_row + colv, mask=okp, other=0) * BLOCK_SIZE, oob_row)
-                    mbarrier.wait(k_empty.index(slot), phase)
-                    mbarrier.expect(k_ready.index(slot), BLOCK_N * (D1 + D2) * 2)
-                    for i in gl.static_range(PAGES):
-                        row = gl.sum(gl.where(pi == i, cur, 0), 0)
-                        tma.async_copy_global_to_shared(ka_desc, [row, kv_col0], k_ready.index(slot),
-                                                        ka_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
-                        tma.async_copy_global_to_shared(kb_desc, [row, kv_col0 + D1], k_ready.index(slot),
-                                                        kb_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
-                    mbarrier.wait(v_empty.index(slot), phase)
-                    mbarrier.expect(v_ready.index(slot), BLOCK_N * DV * 2)
-                    for i in gl.static_range(PAGES):
-                        row = gl.sum(gl.where(pi == i, cur, 0), 0)
-                        tma.async_copy_global_to_shared(v_desc, [row, kv_col0 + D1 + D2], v_ready.index(slot),
-                                                        v_s.index(slot).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+                    load_kv_tile(ka_desc, kb_desc, v_desc, ka_s, kb_s, v_s, k_ready, v_ready, k_empty, v_empty, slot,
+                                 phase, cur, pi, kv_col0, D1, D2, DV, BLOCK_N, BLOCK_SIZE)
                     # Q after tile 0's K/V (whose slots free up first), when the
                     # consumers' loops end (the output leaves through the last
                     # V tile, whose slot is refilled after it)
@@ -695,7 +695,8 @@ if AVAILABLE:
         v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-        v_fixed = gl.allocate_shared_memory(gl.int64, [NUM_BUF + 1, 1], mbarrier.MBarrierLayout())  # [NUM_BUF]: PVs done
+        # v_fixed[NUM_BUF]: both consumers' last PV of an item is done (count 2)
+        v_fixed = gl.allocate_shared_memory(gl.int64, [NUM_BUF + 1, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(info_ready.index(i), count=1)
             mbarrier.init(info_empty.index(i), count=2)
@@ -720,8 +721,8 @@ if AVAILABLE:
                          HALF_M, BLOCK_N, DV, NUM_BUF, INFO, USE_SINKS)),
             (_p_producer, (qa_desc, qb_desc, ka_desc, kb_desc, v_desc, qa_s, qb_s, ka_s, kb_s, v_s, info_s, info_ready,
                          info_empty, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, qsl_ptr, seq_lens_ptr,
-                         bt_ptr, counter_ptr, stride_bt0, num_bt_cols, oob_row, num_seqs, num_heads, n_q, n_items, q_len_lo,
-                         q_len_hi, G, DQK, D1, D2, DV, BLOCK_M, BLOCK_N, BLOCK_SIZE, NUM_BUF, INFO)),
+                         bt_ptr, counter_ptr, stride_bt0, num_bt_cols, oob_row, num_seqs, num_heads, n_q, n_items,
+                         q_len_lo, q_len_hi, G, DQK, D1, D2, DV, BLOCK_M, BLOCK_N, BLOCK_SIZE, NUM_BUF, INFO)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
