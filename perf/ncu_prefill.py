@@ -3,7 +3,7 @@ through the product kernels, with the Gluon prefill optionally swapped for a
 variant file -- for ncu (replaces perf/ncu_product.py):
 
     ncu --kernel-name regex:prefill --launch-skip 1 --launch-count 1 --set full \\
-        python perf/ncu_prefill.py prefill_4x2k [perf/exp26_persistent_prefill_gluon.py]
+        python perf/ncu_prefill.py prefill_4x2k [perf/exp35_persistent_prefill_gluon.py]
 """
 import importlib.util
 import pathlib

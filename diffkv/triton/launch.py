@@ -403,23 +403,19 @@ def plan_gluon_decode(*, programs: int, kv_tiles: int, num_sms: int, max_splits:
 
 
 @functools.lru_cache(maxsize=64)
-def _cuda_props(index: int) -> tuple[int, int]:
+def _cuda_props(index: int) -> tuple[int, int, str]:
+    """(compute capability as one number, SM count, name) of a CUDA device."""
     p = torch.cuda.get_device_properties(index)
-    return p.major * 10 + p.minor, p.multi_processor_count
+    return p.major * 10 + p.minor, p.multi_processor_count, p.name
 
 
 def _cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-@functools.lru_cache(maxsize=64)
-def _cuda_name(index: int) -> str:
-    return torch.cuda.get_device_properties(index).name
-
-
 def device_name(device: torch.device) -> str:
     """A CUDA device's name (``"NVIDIA H200"``), for per-card tuned rules."""
-    return _cuda_name(_cuda_index(device))
+    return _cuda_props(_cuda_index(device))[2]
 
 
 def compute_capability(device: torch.device) -> int:
@@ -433,7 +429,7 @@ def device_arch(device: torch.device, interpreted: bool) -> tuple[str, int]:
     ``"sm80"``."""
     if interpreted or device.type != "cuda":
         return "interpreter", INTERPRETER_NUM_SMS
-    cc, sms = _cuda_props(_cuda_index(device))
+    cc, sms, _ = _cuda_props(_cuda_index(device))
     return ("sm90" if cc >= 90 else "sm80"), sms
 
 
